@@ -1,0 +1,91 @@
+"""Checkpoints: the replay state written into the trace so that readers can seek by time.
+
+A checkpoint (FORMAT.md, "Seeking") holds the complete state after one chunk. Any trace can get
+them after recording; the writer side needs no state of its own.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from tqdm import tqdm
+
+from analyses.engine import Replay
+from analyses.state import ReplayState
+from traces.format import MAP_PRESENT, Kind, MarkOp, PageCacheOp, TaskOp, VmaOp
+from traces.reader import TraceError, open_trace
+from traces.writer import BlockBuffer, encode_chunk, records, write_index
+
+
+def state_blocks(st: ReplayState) -> BlockBuffer:
+    """The state as records: TIME, STATE_BEGIN(reset), tasks, VMAs, page cache, mappings, pages."""
+    b = BlockBuffer()
+    b.add(Kind.TIME, records(Kind.TIME, t=st.t))
+    b.add(Kind.MARK, records(Kind.MARK, op=MarkOp.STATE_BEGIN, name=b.string(None), arg=1))
+    for t in st.tasks.values():
+        b.add(Kind.TASK, records(Kind.TASK, op=TaskOp.EXISTING, pid=t.pid, tgid=t.tgid,
+                                 ppid=t.ppid, mm=t.mm, name=b.string(t.comm)))
+        if t.exe:
+            b.add(Kind.TASK, records(Kind.TASK, op=TaskOp.EXEC, pid=t.pid, tgid=t.tgid,
+                                     ppid=t.ppid, mm=t.mm, name=b.string(t.exe)))
+            b.add(Kind.TASK, records(Kind.TASK, op=TaskOp.COMM, pid=t.pid, tgid=t.tgid,
+                                     ppid=t.ppid, mm=t.mm, name=b.string(t.comm)))
+    for mm, sp in st.spaces.items():
+        for v in sp.vmas.values():
+            op = VmaOp.BRK if v.heap else VmaOp.EXISTING
+            b.add(Kind.VMA, records(Kind.VMA, op=op, mm=mm, start=v.start, end=v.end,
+                                    vm_flags=v.vm_flags, pgoff=v.pgoff, ino=v.ino, dev=v.dev,
+                                    path=b.string(None if v.heap else v.path)))
+    if st.file_of:
+        frames = np.fromiter(st.file_of.keys(), dtype=np.uint64, count=len(st.file_of))
+        info = np.array(list(st.file_of.values()), dtype=np.uint64).reshape(-1, 3)
+        b.add(Kind.PAGECACHE, records(Kind.PAGECACHE, op=PageCacheOp.ADD, dev=info[:, 0],
+                                      ino=info[:, 1], index=info[:, 2], frame=frames))
+    for mm, sp in st.spaces.items():
+        if sp.pages:
+            vpn = np.fromiter(sp.pages.keys(), dtype=np.uint64, count=len(sp.pages))
+            fr = np.fromiter(sp.pages.values(), dtype=np.uint64, count=len(sp.pages))
+            b.add(Kind.MAP, records(Kind.MAP, mm=mm, vpn=vpn, frame=fr, flags=MAP_PRESENT))
+    known = np.flatnonzero(st.content >= 0)
+    if len(known):
+        cid = st.content[known]
+        b.add(Kind.PAGE, records(Kind.PAGE, frame=known, hash_lo=st.contents.lo[cid],
+                                 hash_hi=st.contents.hi[cid]))
+    b.add(Kind.MARK, records(Kind.MARK, op=MarkOp.STATE_END, name=b.string(None)))
+    return b
+
+
+def add_checkpoints(path: str, every: int = 16, progress: bool = False) -> int:
+    """Append a checkpoint after every ``every``-th chunk of a closed trace; returns how many."""
+    tr = open_trace(path)
+    if tr.truncated or not tr.complete_index:
+        tr.close()
+        raise TraceError(path, None, "trace is not cleanly closed (no index)",
+                         "checkpoints can only be added to a complete trace")
+    if tr.checkpoints:
+        tr.close()
+        raise TraceError(path, None, "trace already has checkpoints")
+    rp = Replay(tr, progress=False)
+    new: list[tuple[int, int, bytes]] = []
+    for info in tqdm(tr.chunks, desc="checkpoints", disable=not progress, leave=False):
+        rp.apply_chunk(tr.read_chunk(info))
+        if info.seq % every == every - 1 and info is not tr.chunks[-1]:
+            new.append((info.seq, rp.state.t, state_blocks(rp.state).encode()))
+    entries = [(c.offset, c.t_first, c.t_last, c.seq, c.type, c.flags) for c in tr.chunks_all]
+    end = max(c.end for c in tr.chunks_all) if tr.chunks_all else tr.data_offset
+    tr.close()
+    with open(path, "r+b") as f:
+        f.truncate(end)
+        f.seek(end)
+        for seq, t, raw in new:
+            off = f.tell()
+            f.write(encode_chunk(1, raw, t, t, seq, flags=1))
+            entries.append((off, t, t, seq, 1, 1))
+        write_index(f, entries)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(new)
+
+
+__all__ = ["add_checkpoints", "state_blocks"]

@@ -1,0 +1,161 @@
+"""trace-analyze: replay a memory trace once and report sharing over time.
+
+Figures (thesis eq. 4.6-4.9, all in 4 KiB pages and MiB):
+  no sharing     sum over address spaces of the frames each maps (a frame mapped by k counts k)
+  mmap/fork      distinct frames mapped: what Linux already shares
+  KSM hint all   named frames + distinct contents among anonymous frames: an ideal KSM
+  full CBPS      distinct contents among all mapped frames, named or anonymous
+  oracle         full CBPS at every change in the trace: the least memory any page-granular
+                 deduplication could use at that instant
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from analyses.base import Analysis, Result
+from analyses.engine import Replay
+from analyses.oracle import OracleAnalysis
+from analyses.report import render_csv, render_json, render_text
+from analyses.sharing import SharingAnalysis
+from analyses.snapshots import SnapshotVsContinuous
+from traces.reader import TraceError, open_trace
+
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "traces" / "samples"
+DEFAULT_TRACE = SAMPLES_DIR / "default.mtr"
+
+
+def parse_time(s: str) -> int:
+    """An integer with an optional k/M/G suffix (clock units)."""
+    mult = {"k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9}
+    try:
+        if s and s[-1] in mult:
+            return int(float(s[:-1]) * mult[s[-1]])
+        return int(float(s))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time: {s!r} (e.g. 10M, 2G, 5000)") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="trace-analyze", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("trace", nargs="?", default=None,
+                    help=f"trace file (default: the shipped sample, {DEFAULT_TRACE.name})")
+    g = ap.add_argument_group("analyses (default: all)")
+    g.add_argument("--sharing", action="store_true",
+                   help="the four figures over time, zero pages, shareable pages by type "
+                        "(Table 5.2), per address space, whole guest")
+    g.add_argument("--oracle", action="store_true",
+                   help="oracle lower bound at every change: min, max, time-weighted mean, "
+                        "page-time savings against mmap/fork and KSM hint all")
+    g.add_argument("--snapshot-vs-continuous", action="store_true",
+                   help="what snapshots every T see against the continuous trace: opportunity "
+                        "lifetimes, share never seen, survival between snapshots")
+    ap.add_argument("--interval", type=parse_time, default=None, metavar="T",
+                    help="sampling interval in clock units (suffix k/M/G; default: 1/100 of "
+                         "the trace for --sharing, 1/20 for --snapshot-vs-continuous)")
+    ap.add_argument("--format", choices=("text", "csv", "json"), default="text")
+    ap.add_argument("--table", metavar="NAME",
+                    help="with --format csv: print only this table, e.g. sharing.series")
+    ap.add_argument("--plot", metavar="FILE.png", help="draw sharing over time to a PNG")
+    ap.add_argument("-o", "--output", metavar="FILE", help="write the report here, not stdout")
+    ap.add_argument("--salvage", action="store_true",
+                    help="analyze a trace with a corrupt chunk up to that chunk")
+    ap.add_argument("--add-checkpoints", type=int, metavar="N", default=None,
+                    help="append a seek checkpoint after every N chunks of the trace and exit")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def fail(msg: str, code: int = 1) -> int:
+    print(f"trace-analyze: error: {msg}", file=sys.stderr)
+    return code
+
+
+def run(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    path = a.trace or str(DEFAULT_TRACE)
+    if a.add_checkpoints is not None:
+        from analyses.checkpoints import add_checkpoints
+
+        if a.add_checkpoints < 1:
+            return fail("--add-checkpoints needs N >= 1", 2)
+        n = add_checkpoints(path, a.add_checkpoints, progress=not a.quiet)
+        print(f"{path}: added {n} checkpoints")
+        return 0
+    chosen = [a.sharing, a.oracle, a.snapshot_vs_continuous]
+    if not any(chosen):
+        chosen = [True, True, True]
+    analyses: list[Analysis] = []
+    if chosen[0]:
+        analyses.append(SharingAnalysis(a.interval))
+    if chosen[1]:
+        analyses.append(OracleAnalysis())
+    if chosen[2]:
+        analyses.append(SnapshotVsContinuous(a.interval))
+    if a.table and a.format != "csv":
+        return fail("--table needs --format csv", 2)
+
+    trace = open_trace(path)
+    for w in trace.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    seen = len(trace.warnings)
+    replay = Replay(trace, analyses, salvage=a.salvage, progress=None if not a.quiet else False)
+    replay.run()
+    for w in trace.warnings[seen:]:
+        print(f"warning: {w}", file=sys.stderr)
+    st = replay.state
+    if st.incomplete:
+        print(f"warning: {path}: the recorder marked this trace incomplete: {st.incomplete}",
+              file=sys.stderr)
+    lost = sum(st.lost.values())
+    if lost:
+        print(f"warning: {path}: {lost} guest events were lost while recording (by source: "
+              f"{st.lost})", file=sys.stderr)
+    results: list[Result] = [x.result() for x in analyses]
+    if a.format == "text":
+        out = render_text(results, trace.header, path)
+    elif a.format == "json":
+        out = render_json(results, trace.header, path, trace.warnings)
+    else:
+        try:
+            out = render_csv(results, a.table)
+        except ValueError as e:
+            return fail(str(e), 2)
+    if a.output:
+        try:
+            Path(a.output).write_text(out)
+        except OSError as e:
+            return fail(f"cannot write {a.output}: {e.strerror}")
+    else:
+        sys.stdout.write(out)
+    if a.plot:
+        from analyses.plot import PlotError, plot
+
+        by_name = {r.name: r for r in results}
+        try:
+            plot(a.plot, by_name.get("sharing"), by_name.get("oracle"), trace.clock_unit,
+                 f"{Path(path).name}: sharing over time")
+        except PlotError as e:
+            return fail(str(e))
+        print(f"plot written to {a.plot}", file=sys.stderr)
+    return 130 if replay.interrupted else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except TraceError as e:
+        code = fail(str(e))
+    except KeyboardInterrupt:
+        code = fail("interrupted", 130)
+    except BrokenPipeError:
+        code = 0
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Sharing over time: the thesis's four figures (eq. 4.6-4.9), zero pages, shareable pages by type
+(Table 5.2), a per-address-space breakdown and the whole-guest view, sampled every T.
+
+Each sample is computed from the full state, independently of the engine's incremental counters
+(the oracle analysis uses those), so the two cross-check each other in the tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from analyses.base import Analysis, Result, Table
+from analyses.state import ReplayState
+from analyses.timeline import default_interval, pages_to_mib, samples_in
+
+FIGURES = ("no_sharing", "mmap_fork", "ksm_hint_all", "full_cbps")
+
+
+def full_figures(st: ReplayState) -> dict[str, Any]:
+    """Figures and Table 5.2 breakdown recomputed from scratch over the mapped frames."""
+    mapped = np.flatnonzero(st.proc_count > 0)
+    c = st.content[mapped]
+    named = st.named[mapped]
+    anon = ~named
+    known = c >= 0
+    kc = c[known]
+    u, inv = np.unique(kc, return_inverse=True)
+    inv = inv.reshape(-1)
+    n_anon = np.bincount(inv, weights=anon[known], minlength=len(u))
+    n_named = np.bincount(inv, weights=named[known], minlength=len(u))
+    total = n_anon + n_named
+    dup = total >= 2
+    kinds = {
+        "anonymous": dup & (n_named == 0),
+        "named": dup & (n_anon == 0),
+        "mixed": dup & (n_anon > 0) & (n_named > 0),
+    }
+    out: dict[str, Any] = {
+        "no_sharing": int(st.proc_count[mapped].sum()),
+        "mmap_fork": len(mapped),
+        "ksm_hint_all": int(named.sum()) + len(np.unique(c[known & anon]))
+        + int((anon & ~known).sum()),
+        "full_cbps": len(u) + int((~known).sum()),
+        "zero_pages": int((c == st.zero_cid).sum()),
+        "anon_frames": int(anon.sum()),
+        "named_frames": int(named.sum()),
+        "guest_frames": int((st.content >= 0).sum()),
+        "guest_distinct": len(np.unique(st.content[st.content >= 0])),
+    }
+    for kind, sel in kinds.items():
+        out[f"shareable_{kind}_contents"] = int(sel.sum())
+        out[f"shareable_{kind}_sharings"] = int((total[sel] - 1).sum())
+    return out
+
+
+def per_space(st: ReplayState) -> list[dict[str, Any]]:
+    """One row per address space: its pages and how much of them is shared or shareable."""
+    rows = []
+    names: dict[int, list[str]] = {}
+    for t in sorted(st.tasks.values(), key=lambda t: t.pid):
+        if t.mm and t.pid == t.tgid:
+            names.setdefault(t.mm, []).append(f"{t.comm}[{t.tgid}]")
+    for mm, sp in st.spaces.items():
+        if not sp.frame_refs:
+            continue
+        frames = np.fromiter(sp.frame_refs.keys(), dtype=np.int64, count=len(sp.frame_refs))
+        c = st.content[frames]
+        named = st.named[frames]
+        known = c >= 0
+        pc = st.proc_count[frames]
+        shareable = known & (st.ref_mapped[np.where(known, c, 0)] >= 2)
+        rows.append({
+            "mm": f"{mm:#x}",
+            "tasks": " ".join(names.get(mm, [])) or "?",
+            "vpages": len(sp.pages),
+            "frames": len(frames),
+            "anon": int((~named).sum()),
+            "named": int(named.sum()),
+            "exclusive": int((pc == 1).sum()),
+            "pss_pages": round(float((1.0 / pc).sum()), 1),
+            "self_sharings": int(known.sum()) - len(np.unique(c[known])),
+            "shareable": int(shareable.sum()),
+        })
+    rows.sort(key=lambda r: -r["frames"])
+    return rows
+
+
+class SharingAnalysis(Analysis):
+    """The four figures over time, sampled every ``interval`` clock units."""
+
+    name = "sharing"
+
+    def __init__(self, interval: int | None = None, top_spaces: int = 20) -> None:
+        self.interval = interval
+        self.top_spaces = top_spaces
+        self.samples: list[dict[str, Any]] = []
+        self.peak: dict[str, Any] | None = None
+        self.peak_spaces: list[dict[str, Any]] = []
+
+    def begin(self, replay: Any) -> None:
+        super().begin(replay)
+        tr = replay.trace
+        self.interval = self.interval or default_interval(tr)
+        self.origin = tr.chunks[0].t_first if tr.chunks else 0
+
+    def _sample(self, st: ReplayState, s: int) -> None:
+        fig = {"t": s, **full_figures(st)}
+        self.samples.append(fig)
+        if self.peak is None or fig["mmap_fork"] > self.peak["mmap_fork"]:
+            self.peak = fig
+            self.peak_spaces = per_space(st)
+
+    def on_interval(self, st: ReplayState, t0: int, t1: int) -> None:
+        for s in samples_in(t0, t1, self.origin, self.interval or 1):
+            self._sample(st, s)
+
+    def end(self, st: ReplayState) -> None:
+        if not self.samples or self.samples[-1]["t"] < st.t:
+            self._sample(st, st.t)
+
+    def result(self) -> Result:
+        r = Result("sharing")
+        ps = self.replay.trace.page_size
+        cols = ["t", *FIGURES, "zero_pages", "anon_frames", "named_frames", "guest_frames",
+                "guest_distinct"]
+        r.tables["series"] = Table(cols, [[s[c] for c in cols] for s in self.samples],
+                                   "sharing over time (pages)")
+        peak = self.peak or {k: 0 for k in cols}
+        r.summary["interval"] = self.interval
+        r.units["interval"] = self.replay.trace.clock_unit
+        r.summary["samples"] = len(self.samples)
+        r.summary["peak_t"] = peak.get("t", 0)
+        r.units["peak_t"] = self.replay.trace.clock_unit
+        base = peak["mmap_fork"] or 1
+        fig_rows = []
+        for f in FIGURES:
+            fig_rows.append([f, peak[f], round(pages_to_mib(peak[f], ps), 2),
+                             round(peak[f] / base, 3)])
+            r.summary[f"peak_{f}"] = peak[f]
+            r.units[f"peak_{f}"] = "pages"
+        r.tables["figures_at_peak"] = Table(
+            ["figure", "pages", "MiB", "relative_to_mmap_fork"], fig_rows,
+            "the four figures at the sample with the most frames mapped (thesis Table 5.1 form)")
+        r.tables["shareable_by_type"] = Table(
+            ["type", "contents", "sharings"],
+            [[k, peak.get(f"shareable_{k}_contents", 0), peak.get(f"shareable_{k}_sharings", 0)]
+             for k in ("anonymous", "named", "mixed")],
+            "shareable pages by type at peak (thesis Table 5.2): duplicated contents and the "
+            "frames they could free")
+        r.summary["zero_pages_at_peak"] = peak.get("zero_pages", 0)
+        r.units["zero_pages_at_peak"] = "frames"
+        r.summary["guest_frames_at_peak"] = peak.get("guest_frames", 0)
+        r.summary["guest_distinct_at_peak"] = peak.get("guest_distinct", 0)
+        if self.peak_spaces:
+            cols2 = list(self.peak_spaces[0].keys())
+            r.tables["per_address_space"] = Table(
+                cols2, [[row[c] for c in cols2] for row in self.peak_spaces[:self.top_spaces]],
+                "per address space at peak (largest first)")
+        return r

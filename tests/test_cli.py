@@ -1,0 +1,105 @@
+"""trace-analyze as a user runs it: outputs, bad input, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from traces.synthetic import generate
+
+
+def run(*args, check_rc=None):
+    p = subprocess.run([sys.executable, "-m", "analyses.cli", *map(str, args)],
+                       capture_output=True, text=True, timeout=600)
+    assert "Traceback" not in p.stderr, p.stderr
+    if check_rc is not None:
+        assert p.returncode == check_rc, p.stderr
+    return p
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory):
+    p = tmp_path_factory.mktemp("cli") / "t.mtr"
+    generate(p, instances=2, epochs=80)
+    return p
+
+
+def test_default_sample_runs():
+    p = run("--oracle", "-q", check_rc=0)
+    assert "oracle_mean" in p.stdout and "default.mtr" in p.stdout
+
+
+def test_text_json_csv(trace):
+    txt = run(trace, "-q", check_rc=0).stdout
+    for word in ("== sharing ==", "== oracle ==", "== snapshot_vs_continuous ==", "full_cbps",
+                 "shareable_by_type"):
+        assert word in txt
+    doc = json.loads(run(trace, "--format", "json", "-q", check_rc=0).stdout)
+    assert set(doc["results"]) == {"sharing", "oracle", "snapshot_vs_continuous"}
+    o = doc["results"]["oracle"]["summary"]
+    assert o["oracle_min"] <= o["oracle_mean"] <= o["oracle_max"]
+    rows = list(csv.DictReader(io.StringIO(
+        run(trace, "--format", "csv", "--table", "sharing.series", "-q", check_rc=0).stdout)))
+    assert rows and {"t", "no_sharing", "mmap_fork", "ksm_hint_all", "full_cbps"} <= set(rows[0])
+    assert all(int(r["no_sharing"]) >= int(r["full_cbps"]) for r in rows)
+
+
+def test_interval_changes_samples(trace):
+    a = json.loads(run(trace, "--sharing", "--interval", "1M", "--format", "json", "-q",
+                       check_rc=0).stdout)
+    b = json.loads(run(trace, "--sharing", "--interval", "10M", "--format", "json", "-q",
+                       check_rc=0).stdout)
+    assert a["results"]["sharing"]["summary"]["samples"] > \
+        b["results"]["sharing"]["summary"]["samples"]
+
+
+def test_plot(trace, tmp_path):
+    png = tmp_path / "s.png"
+    run(trace, "--plot", png, "-q", check_rc=0)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_inputs_one_line(tmp_path, trace):
+    for args, rc, needle in [
+        ((tmp_path / "missing.mtr",), 1, "no such file"),
+        ((trace.parent,), 1, "directory"),
+        (("--interval", "abc", trace), 2, "not a time"),
+        ((trace, "--table", "x"), 2, "--table needs"),
+        ((trace, "--format", "csv", "--table", "nope", "-q"), 2, "no table"),
+    ]:
+        p = run(*args, check_rc=rc)
+        assert needle in p.stderr
+    junk = tmp_path / "junk.mtr"
+    junk.write_bytes(b"\0" * 100)
+    p = run(junk, check_rc=1)
+    assert "at byte 0" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_truncated_trace_warns_and_analyzes(trace, tmp_path):
+    data = trace.read_bytes()
+    cut = tmp_path / "cut.mtr"
+    cut.write_bytes(data[: int(len(data) * 0.7)])
+    p = run(cut, "--oracle", "-q", check_rc=0)
+    assert "cut short at byte" in p.stderr and "oracle_mean" in p.stdout
+
+
+def test_help_explains_figures():
+    out = run("--help", check_rc=0).stdout
+    for fig in ("no sharing", "mmap/fork", "KSM hint all", "full CBPS", "oracle"):
+        assert fig in out
+
+
+def test_add_checkpoints_cli(tmp_path):
+    p = tmp_path / "ck.mtr"
+    generate(p, instances=2, epochs=80, chunk_bytes=2048)
+    before = run(p, "--oracle", "--format", "json", "-q", check_rc=0).stdout
+    out = run(p, "--add-checkpoints", "2", "-q", check_rc=0).stdout
+    assert "added" in out and "added 0 " not in out
+    after = run(p, "--oracle", "--format", "json", "-q", check_rc=0).stdout
+    assert json.loads(before)["results"] == json.loads(after)["results"]
+    assert "already has checkpoints" in run(p, "--add-checkpoints", "2", check_rc=1).stderr

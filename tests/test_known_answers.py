@@ -1,0 +1,136 @@
+"""Hand-computed cases: each figure is worked out on paper in the comments."""
+
+from __future__ import annotations
+
+from tests.helpers import Builder, replay
+from traces.format import PageCacheOp, TaskOp
+
+
+def test_fork_sharing(tmp_path):
+    # Two address spaces map the same 3 frames (fork): no sharing 6, mmap/fork 3.
+    b = Builder(tmp_path / "t.mtr").at(1)
+    for f, tok in ((10, 1), (11, 2), (12, 3)):
+        b.page(f, tok)
+    for mm in (1, 2):
+        for i, f in enumerate((10, 11, 12)):
+            b.map(mm, 100 + i, f)
+    b.at(2).close()
+    fig = replay(tmp_path / "t.mtr")["figures"]
+    assert (fig["no_sharing"], fig["mmap_fork"], fig["ksm_hint_all"], fig["full_cbps"]) == \
+        (6, 3, 3, 3)
+
+
+def test_zero_pages(tmp_path):
+    # One mm maps the zero frame at 5 addresses and 2 private zeroed frames; another mm maps the
+    # zero frame once. Frames: zero(0), 20, 21 (all zero content), 22 (content 7).
+    b = Builder(tmp_path / "t.mtr").at(1)
+    for f in (0, 20, 21):
+        b.page(f, 0)
+    b.page(22, 7)
+    for v in range(5):
+        b.map(1, v, 0)
+    b.map(1, 10, 20).map(1, 11, 21).map(1, 12, 22).map(2, 0, 0)
+    b.at(2).close()
+    r = replay(tmp_path / "t.mtr")
+    fig = r["figures"]
+    # no sharing: mm1 maps frames {0,20,21,22} (4), mm2 maps {0} (1) -> 5
+    assert fig["no_sharing"] == 5
+    assert fig["mmap_fork"] == 4
+    # all anonymous: distinct contents {zero, 7} -> 2
+    assert fig["ksm_hint_all"] == 2 and fig["full_cbps"] == 2
+    assert fig["zero_pages"] == 3
+    assert r["full"]["zero_pages"] == 3
+
+
+def test_identical_anonymous_pages_in_two_tasks(tmp_path):
+    # mm1: frames 1,2 (contents A,B); mm2: frames 3,4 (contents A,C). Anonymous.
+    b = Builder(tmp_path / "t.mtr").at(1)
+    b.page(1, 0xA).page(2, 0xB).page(3, 0xA).page(4, 0xC)
+    b.map(1, 0, 1).map(1, 1, 2).map(2, 0, 3).map(2, 1, 4)
+    b.at(5).close()
+    r = replay(tmp_path / "t.mtr")
+    fig = r["figures"]
+    assert (fig["no_sharing"], fig["mmap_fork"], fig["ksm_hint_all"], fig["full_cbps"]) == \
+        (4, 4, 3, 3)
+    types = {row[0]: row[1:] for row in r["results"]["sharing"].tables["shareable_by_type"].rows}
+    assert types == {"anonymous": [1, 1], "named": [0, 0], "mixed": [0, 0]}
+
+
+def test_identical_named_pages_from_two_files(tmp_path):
+    # Two files (inodes 5 and 6) each with 2 pages of the same bytes, mapped by two mms:
+    # KSM cannot merge named pages (4 frames stay), full CBPS keeps 2.
+    b = Builder(tmp_path / "t.mtr").at(1)
+    for f, (ino, idx, tok) in {1: (5, 0, 1), 2: (5, 1, 2), 3: (6, 0, 1), 4: (6, 1, 2)}.items():
+        b.page(f, tok)
+        b.w.pagecache(PageCacheOp.ADD, 8, ino, idx, f)
+    b.map(1, 0, 1).map(1, 1, 2).map(2, 0, 3).map(2, 1, 4)
+    b.at(2).close()
+    r = replay(tmp_path / "t.mtr")
+    fig = r["figures"]
+    assert (fig["no_sharing"], fig["mmap_fork"], fig["ksm_hint_all"], fig["full_cbps"]) == \
+        (4, 4, 4, 2)
+    types = {row[0]: row[1:] for row in r["results"]["sharing"].tables["shareable_by_type"].rows}
+    assert types["named"] == [2, 2] and types["anonymous"] == [0, 0]
+
+
+def test_mixed_zero_page(tmp_path):
+    # A zero page in a file's page cache and an anonymous zero page: the one mixed content.
+    b = Builder(tmp_path / "t.mtr").at(1)
+    b.page(1, 0).page(2, 0)
+    b.w.pagecache(PageCacheOp.ADD, 8, 9, 0, 1)
+    b.map(1, 0, 1).map(2, 0, 2)
+    b.at(2).close()
+    r = replay(tmp_path / "t.mtr")
+    types = {row[0]: row[1:] for row in r["results"]["sharing"].tables["shareable_by_type"].rows}
+    assert types == {"anonymous": [0, 0], "named": [0, 0], "mixed": [1, 1]}
+    assert r["figures"]["ksm_hint_all"] == 2 and r["figures"]["full_cbps"] == 1
+
+
+def test_write_breaks_sharing_and_oracle_series(tmp_path):
+    # t=10: two anonymous frames with content A -> oracle 1. t=20: frame 2 rewritten -> oracle 2.
+    # t=30: frame 2 gets A back -> 1. Trace ends at 40.
+    b = Builder(tmp_path / "t.mtr").at(10)
+    b.page(1, 0xA).page(2, 0xA).map(1, 0, 1).map(2, 0, 2)
+    b.at(20).page(2, 0xB).at(30).page(2, 0xA).at(40).close()
+    r = replay(tmp_path / "t.mtr", interval=10)
+    o = r["results"]["oracle"]
+    assert [row[:3] for row in o.tables["series"].rows] == [[10, 20, 1], [20, 30, 2], [30, 40, 1]]
+    assert o.summary["oracle_min"] == 1 and o.summary["oracle_max"] == 2
+    assert o.summary["oracle_mean"] == round((10 * 1 + 10 * 2 + 10 * 1) / 30, 2)
+    # mmap/fork is 2 throughout: savings = (2-1)*10 + 0 + (2-1)*10 = 20 page*units
+    assert o.summary["savings_vs_mmap_fork"] == 20
+    s = r["results"]["snapshot_vs_continuous"]
+    # opportunity 1: [10, 20) lifetime 10; opportunity 2: [30, 40) censored at the end
+    assert s.summary["opportunities"] == 2
+    assert s.summary["lifetime_max"] == 10
+
+
+def test_short_opportunity_missed_by_snapshots(tmp_path):
+    # Snapshots every 100 at 0, 100, 200. Content A is duplicated only on [130, 160).
+    b = Builder(tmp_path / "t.mtr").at(0)
+    b.page(1, 1).page(2, 2).map(1, 0, 1).map(2, 0, 2)
+    b.at(130).page(2, 1).at(160).page(2, 3).at(250).close()
+    r = replay(tmp_path / "t.mtr", interval=100)
+    s = r["results"]["snapshot_vs_continuous"].summary
+    assert s["opportunities"] == 1
+    assert s["share_shorter_than_interval"] == 1.0
+    assert s["share_never_seen_by_snapshots"] == 1.0
+    assert s["snapshot_mean_savings"] == 0
+    assert s["continuous_mean_savings"] == round(30 / 250, 2)
+
+
+def test_task_exit_releases_address_space(tmp_path):
+    b = Builder(tmp_path / "t.mtr").at(1)
+    b.w.task(TaskOp.NEW, 10, 10, 1, mm=7, name="a")
+    b.w.task(TaskOp.NEW, 11, 10, 1, mm=7, name="a")  # a thread: same mm
+    b.page(1, 1).map(7, 0, 1)
+    b.at(2)
+    b.w.task(TaskOp.EXIT, 11, 10, 1)
+    b.at(3)
+    b.w.flush()  # the trace is readable while it is being written
+    st = replay(tmp_path / "t.mtr")["state"]
+    assert st.figures()["mmap_fork"] == 1  # the thread group is still alive
+    b.w.task(TaskOp.EXIT, 10, 10, 1)
+    b.at(4).close()
+    st = replay(tmp_path / "t.mtr")["state"]
+    assert st.figures()["mmap_fork"] == 0 and 7 not in st.spaces

@@ -1,0 +1,104 @@
+"""Property tests: invariants of the figures, incremental counters against recomputation, and
+seeking through checkpoints against replay from the start."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from analyses.checkpoints import add_checkpoints
+from analyses.engine import Replay, state_digest
+from analyses.sharing import full_figures
+from tests.helpers import Builder, replay
+from traces.format import PageCacheOp, TaskOp
+from traces.reader import open_trace
+
+FRAMES = 24
+NO_FIXTURE_CHECK = [HealthCheck.function_scoped_fixture]
+op = st.one_of(
+    st.tuples(st.just("page"), st.integers(0, FRAMES - 1), st.integers(0, 5)),
+    st.tuples(st.just("map"), st.integers(1, 3), st.integers(0, 6), st.integers(0, FRAMES - 1)),
+    st.tuples(st.just("unmap"), st.integers(1, 3), st.integers(0, 6)),
+    st.tuples(st.just("pcadd"), st.integers(0, FRAMES - 1), st.integers(1, 3)),
+    st.tuples(st.just("pcdel"), st.integers(0, FRAMES - 1)),
+    st.tuples(st.just("tick"), st.integers(1, 50)),
+    st.tuples(st.just("exit"), st.integers(1, 3)),
+)
+
+
+def build(path, ops, chunk_bytes=1 << 20):
+    b = Builder(path, nframes=FRAMES, chunk_bytes=chunk_bytes)
+    t = 0
+    b.at(t)
+    for mm in (1, 2, 3):
+        b.w.task(TaskOp.NEW, mm * 10, mm * 10, 1, mm=mm, name=f"p{mm}")
+    for o in ops:
+        if o[0] == "page":
+            b.page(o[1], o[2])
+        elif o[0] == "map":
+            b.map(o[1], o[2], o[3])
+        elif o[0] == "unmap":
+            b.map(o[1], o[2], None)
+        elif o[0] == "pcadd":
+            b.w.pagecache(PageCacheOp.ADD, 1, o[2], o[1], o[1])
+        elif o[0] == "pcdel":
+            b.w.pagecache(PageCacheOp.DEL, 0, 0, 0, o[1])
+        elif o[0] == "tick":
+            t += o[1]
+            b.at(t)
+        elif o[0] == "exit":
+            b.w.task(TaskOp.EXIT, o[1] * 10, o[1] * 10, 1)
+    b.at(t + 1)
+    b.close()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=NO_FIXTURE_CHECK)
+@given(st.lists(op, max_size=80))
+def test_figure_invariants_and_oracle(tmp_path, ops):
+    path = tmp_path / "p.mtr"
+    build(path, ops)
+    r = replay(path, interval=7)
+    fig = r["figures"]
+    full = r["full"]
+    for k in ("no_sharing", "mmap_fork", "ksm_hint_all", "full_cbps", "zero_pages"):
+        assert fig[k] == full[k], k
+    sharing = r["results"]["sharing"].tables["series"]
+    cols = sharing.columns
+    oracle_pts = r["results"]["oracle"].tables["series"].rows
+    for row in sharing.rows:
+        s = dict(zip(cols, row, strict=True))
+        assert s["no_sharing"] >= s["mmap_fork"] >= s["ksm_hint_all"] >= s["full_cbps"]
+        if s["mmap_fork"]:
+            assert s["full_cbps"] >= 1
+        # the oracle (incremental counters) at a sample time equals full CBPS (recomputed)
+        for p in oracle_pts:
+            if p[0] <= s["t"] < p[1]:
+                assert p[2] == s["full_cbps"]
+                assert p[3] == s["mmap_fork"] and p[4] == s["ksm_hint_all"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=NO_FIXTURE_CHECK)
+@given(st.lists(op, min_size=10, max_size=120), st.integers(0, 400))
+def test_seek_equals_replay_from_start(tmp_path, ops, t):
+    path = tmp_path / "s.mtr"
+    build(path, ops, chunk_bytes=64)  # many small chunks
+    add_checkpoints(str(path), every=2)
+    tr = open_trace(path)
+    seq = Replay(tr, progress=False)
+    seq._replay(tr.chunks, t)
+    sought = Replay(open_trace(path), progress=False).seek(t)
+    a, b = state_digest(seq.state), state_digest(sought)
+    assert a == b
+
+
+def test_checkpoints_are_used(tmp_path):
+    ops = [("page", i % FRAMES, i % 4) for i in range(60)] + [("tick", 5)] * 30
+    ops = [x for pair in zip(ops[:60], ops[60:] * 2, strict=False) for x in pair]
+    path = tmp_path / "c.mtr"
+    build(path, ops, chunk_bytes=64)
+    n = add_checkpoints(str(path), every=3)
+    tr = open_trace(path)
+    assert n > 0 and len(tr.checkpoints) == n and tr.complete_index
+    # sequential replay skips checkpoints and still gives the same final state
+    assert full_figures(Replay(tr, progress=False).run()) == \
+        full_figures(Replay(open_trace(path), progress=False).seek(10**9))

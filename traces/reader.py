@@ -1,0 +1,320 @@
+"""Read trace files (FORMAT.md) lazily: chunk headers first, a chunk's records when asked for.
+
+Every problem with the file is raised as ``TraceError`` carrying the path and byte offset, so that
+command-line tools can print one line. A file cut short is not an error: the reader stops at the
+last complete chunk and records a warning in ``Trace.warnings``.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from traces.format import (
+    BLOCK_HEADER,
+    CHUNK_FLAG_CHECKPOINT,
+    CHUNK_HEADER,
+    CHUNK_HEADER_CRC_SPAN,
+    CHUNK_MAGIC,
+    DTYPES,
+    FILE_HEADER,
+    FILE_MAGIC,
+    FORMAT_VERSION,
+    INDEX_ENTRY,
+    NO_STRING,
+    TRAILER,
+    TRAILER_MAGIC,
+    ChunkType,
+    Kind,
+    pad8,
+)
+
+MAX_RAW_CHUNK = 1 << 31
+
+
+class TraceError(Exception):
+    """A trace cannot be read: ``str()`` is one line naming the file and the byte offset."""
+
+    def __init__(self, path: str, offset: int | None, what: str, hint: str = "") -> None:
+        self.path, self.offset, self.what, self.hint = path, offset, what, hint
+        where = f"{path}" if offset is None else f"{path} at byte {offset}"
+        super().__init__(f"{where}: {what}" + (f" ({hint})" if hint else ""))
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    offset: int
+    type: int
+    flags: int
+    payload_len: int
+    raw_len: int
+    t_first: int
+    t_last: int
+    seq: int
+    payload_crc: int
+
+    @property
+    def checkpoint(self) -> bool:
+        return bool(self.flags & CHUNK_FLAG_CHECKPOINT)
+
+    @property
+    def end(self) -> int:
+        return self.offset + CHUNK_HEADER.size + pad8(self.payload_len)
+
+
+@dataclass
+class Chunk:
+    """A decoded records chunk: its string table and its blocks, in trace order."""
+
+    info: ChunkInfo
+    strings: list[str]
+    blocks: list[tuple[int, np.ndarray]] = field(default_factory=list)
+
+    def string(self, sid: int) -> str | None:
+        if sid == NO_STRING or sid >= len(self.strings):
+            return None
+        return self.strings[sid]
+
+    def records(self, kind: Kind) -> np.ndarray:
+        """All records of one kind in this chunk, concatenated (order within the kind kept)."""
+        arrs = [a for k, a in self.blocks if k == kind]
+        if not arrs:
+            return np.zeros(0, dtype=DTYPES[kind])
+        return arrs[0] if len(arrs) == 1 else np.concatenate(arrs)
+
+
+class Trace:
+    """An open trace file. Use ``open_trace``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.warnings: list[str] = []
+        self.truncated = False
+        self.complete_index = False
+        try:
+            self._fd = open(path, "rb")  # noqa: SIM115 - closed in close()
+        except FileNotFoundError:
+            raise TraceError(path, None, "no such file",
+                             "give the path of a trace recorded by trace-record") from None
+        except IsADirectoryError:
+            raise TraceError(path, None, "is a directory, not a trace file") from None
+        except OSError as e:
+            raise TraceError(path, None, f"cannot open: {e.strerror}") from None
+        self.size = os.fstat(self._fd.fileno()).st_size
+        self._map: mmap.mmap | bytes = (mmap.mmap(self._fd.fileno(), 0, access=mmap.ACCESS_READ)
+                                        if self.size else b"")
+        self._dctx = zstandard.ZstdDecompressor()
+        self.header, self.data_offset = self._read_header()
+        self.page_size = int(self.header.get("page_size", 4096))
+        self.ram_size = int(self.header.get("ram_size", 0))
+        self.clock_unit = str(self.header.get("clock_unit", "instructions"))
+        self.chunks_all = self._read_index() or self._scan()
+        self.chunks = [c for c in self.chunks_all if c.type == ChunkType.RECORDS
+                       and not c.checkpoint]
+        self.checkpoints = [c for c in self.chunks_all if c.type == ChunkType.RECORDS
+                            and c.checkpoint]
+        self.content_chunks = [c for c in self.chunks_all if c.type == ChunkType.CONTENT]
+        self._content_index: dict[tuple[int, int], tuple[ChunkInfo, int]] | None = None
+
+    # -- structure ------------------------------------------------------------------------------
+    def _read_header(self) -> tuple[dict[str, Any], int]:
+        m = self._map
+        if self.size < FILE_HEADER.size or m[:8] != FILE_MAGIC:
+            raise TraceError(self.path, 0, "not a memory trace (no MEMTRACE magic)",
+                             "expected a file written by trace-record, trace-snapshot or a "
+                             "generator in traces/")
+        _, version, _flags, hlen = FILE_HEADER.unpack_from(m, 0)
+        if version > FORMAT_VERSION:
+            raise TraceError(self.path, 8, f"format version {version} is newer than this reader's "
+                             f"version {FORMAT_VERSION}", "upgrade memtrace to read it")
+        if version < 1:
+            raise TraceError(self.path, 8, f"invalid format version {version}")
+        end = FILE_HEADER.size + hlen
+        if end > self.size:
+            raise TraceError(self.path, FILE_HEADER.size, "file header cut short")
+        try:
+            header = json.loads(bytes(m[FILE_HEADER.size:end]).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TraceError(self.path, FILE_HEADER.size,
+                             f"file header is not valid JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise TraceError(self.path, FILE_HEADER.size, "file header is not a JSON object")
+        ps = header.get("page_size", 4096)
+        if not isinstance(ps, int) or ps <= 0 or ps & (ps - 1):
+            raise TraceError(self.path, FILE_HEADER.size, f"invalid page_size {ps!r}")
+        rs = header.get("ram_size", 0)
+        if not isinstance(rs, int) or rs < 0 or rs > 1 << 42:
+            raise TraceError(self.path, FILE_HEADER.size, f"invalid ram_size {rs!r}")
+        return header, pad8(end)
+
+    def _chunk_at(self, offset: int) -> ChunkInfo | None:
+        """Parse the chunk header at ``offset``; None if the file ends inside the chunk."""
+        if offset + CHUNK_HEADER.size > self.size:
+            return None
+        raw = self._map[offset:offset + CHUNK_HEADER.size]
+        (magic, ctype, flags, plen, rawlen, t0, t1, seq, pcrc, hcrc) = CHUNK_HEADER.unpack(raw)
+        if magic != CHUNK_MAGIC:
+            raise TraceError(self.path, offset, "corrupt chunk: bad magic",
+                             "use --salvage to analyze the chunks before it")
+        if zlib.crc32(raw[:CHUNK_HEADER_CRC_SPAN]) != hcrc:
+            raise TraceError(self.path, offset, "corrupt chunk: header checksum mismatch",
+                             "use --salvage to analyze the chunks before it")
+        info = ChunkInfo(offset, ctype, flags, plen, rawlen, t0, t1, seq, pcrc)
+        if offset + CHUNK_HEADER.size + plen > self.size:
+            return None
+        return info
+
+    def _read_index(self) -> list[ChunkInfo] | None:
+        if self.size < self.data_offset + TRAILER.size:
+            return None
+        tail = self._map[self.size - TRAILER.size:self.size]
+        magic, index_offset, crc, _ = TRAILER.unpack(tail)
+        if magic != TRAILER_MAGIC or zlib.crc32(tail[:16]) != crc:
+            return None
+        try:
+            info = self._chunk_at(index_offset)
+            if info is None or info.type != ChunkType.INDEX:
+                return None
+            entries = np.frombuffer(self._payload(info), dtype=INDEX_ENTRY)
+            chunks = []
+            for e in entries:
+                c = self._chunk_at(int(e["offset"]))
+                if c is None:
+                    return None
+                chunks.append(c)
+        except TraceError:
+            return None  # fall back to scanning, which reports the problem precisely
+        self.complete_index = True
+        return chunks
+
+    def _scan(self) -> list[ChunkInfo]:
+        chunks: list[ChunkInfo] = []
+        offset = self.data_offset
+        while offset < self.size:
+            if self.size - offset == TRAILER.size and \
+                    self._map[offset:offset + 8] == TRAILER_MAGIC:
+                break
+            info = self._chunk_at(offset)
+            if info is None:
+                self.truncated = True
+                recs = [c for c in chunks if c.type == ChunkType.RECORDS and not c.checkpoint]
+                self.warnings.append(
+                    f"{self.path}: trace cut short at byte {offset} of {self.size}; reading the "
+                    f"{len(recs)} complete chunks before it"
+                    + (f" (up to time {recs[-1].t_last})" if recs else ""))
+                break
+            if info.type == ChunkType.INDEX:
+                offset = info.end
+                continue
+            chunks.append(info)
+            offset = info.end
+        return chunks
+
+    def _payload(self, info: ChunkInfo) -> bytes:
+        start = info.offset + CHUNK_HEADER.size
+        payload = self._map[start:start + info.payload_len]
+        if zlib.crc32(payload) != info.payload_crc:
+            raise TraceError(self.path, info.offset, "corrupt chunk: payload checksum mismatch",
+                             "use --salvage to analyze the chunks before it")
+        if info.raw_len > MAX_RAW_CHUNK:
+            raise TraceError(self.path, info.offset, f"chunk claims {info.raw_len} raw bytes")
+        try:
+            raw = self._dctx.decompress(payload, max_output_size=info.raw_len)
+        except zstandard.ZstdError as e:
+            raise TraceError(self.path, info.offset, f"corrupt chunk: zstd: {e}") from None
+        if len(raw) != info.raw_len:
+            raise TraceError(self.path, info.offset, "corrupt chunk: wrong decompressed length")
+        return raw
+
+    # -- records --------------------------------------------------------------------------------
+    def read_chunk(self, info: ChunkInfo) -> Chunk:
+        """Decompress and decode one records chunk."""
+        raw = self._payload(info)
+        chunk = Chunk(info, [])
+        pos, n = 0, len(raw)
+        while pos < n:
+            if pos + BLOCK_HEADER.size > n:
+                raise TraceError(self.path, info.offset, "corrupt chunk: block header cut short")
+            kind, size, count = BLOCK_HEADER.unpack_from(raw, pos)
+            pos += BLOCK_HEADER.size
+            nbytes = size * count
+            if size == 0 or pos + nbytes > n:
+                raise TraceError(self.path, info.offset,
+                                 f"corrupt chunk: block of kind {kind} overruns the chunk")
+            if kind == Kind.STRINGS:
+                table = raw[pos:pos + nbytes]
+                chunk.strings = [s.decode("utf-8", "replace") for s in table.split(b"\0")[:-1]]
+            elif kind in DTYPES:
+                dt = DTYPES[Kind(kind)]
+                if size != dt.itemsize:
+                    raise TraceError(self.path, info.offset,
+                                     f"corrupt chunk: kind {kind} record size {size}, "
+                                     f"expected {dt.itemsize}")
+                chunk.blocks.append((kind, np.frombuffer(raw, dtype=dt, count=count, offset=pos)))
+            pos += pad8(nbytes)
+        return chunk
+
+    def iter_chunks(self, start_seq: int = 0, salvage: bool = False) -> Iterator[Chunk]:
+        """Decoded records chunks in order, from the chunk with sequence ``start_seq`` on.
+
+        With ``salvage``, a corrupt chunk ends the iteration with a warning instead of raising.
+        """
+        for info in self.chunks:
+            if info.seq < start_seq:
+                continue
+            try:
+                yield self.read_chunk(info)
+            except TraceError as e:
+                if not salvage:
+                    raise
+                self.warnings.append(f"{e}; analysis stops before it")
+                return
+
+    @property
+    def t_end(self) -> int:
+        return self.chunks[-1].t_last if self.chunks else 0
+
+    # -- content store --------------------------------------------------------------------------
+    def content(self, hash_lo: int, hash_hi: int) -> bytes | None:
+        """The page bytes stored for a content hash, or None if the trace did not store it."""
+        if self._content_index is None:
+            self._content_index = {}
+            for info in self.content_chunks:
+                raw = self._payload(info)
+                (n,) = struct.unpack_from("<Q", raw, 0)
+                hashes = np.frombuffer(raw, dtype="<u8", count=2 * n, offset=8).reshape(n, 2)
+                for i, (lo, hi) in enumerate(hashes.tolist()):
+                    self._content_index[(lo, hi)] = (info, i)
+        hit = self._content_index.get((int(hash_lo), int(hash_hi)))
+        if hit is None:
+            return None
+        info, i = hit
+        raw = self._payload(info)
+        (n,) = struct.unpack_from("<Q", raw, 0)
+        start = 8 + 16 * n + i * self.page_size
+        return bytes(raw[start:start + self.page_size])
+
+    def close(self) -> None:
+        if isinstance(self._map, mmap.mmap):
+            self._map.close()
+        self._fd.close()
+
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_trace(path: str | os.PathLike[str]) -> Trace:
+    """Open a trace; raises ``TraceError`` (one line, with offset) when it cannot be read."""
+    return Trace(os.fspath(path))
