@@ -7,6 +7,7 @@ Adding an analysis means writing one such class; the engine does not change.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +49,21 @@ class Analysis:
     """
 
     name = "analysis"
+    #: command-line switch that selects the analysis, and its one-line help
+    flag = ""
+    help = ""
+    #: run when trace-analyze is given no analysis switch
+    default = False
     wants_content_deltas = False
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add the analysis's own options (e.g. model parameters) to trace-analyze."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Analysis:
+        """Build the analysis from trace-analyze's parsed arguments."""
+        return cls()
 
     def begin(self, replay: Replay) -> None:
         self.replay = replay

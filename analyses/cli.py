@@ -17,10 +17,8 @@ from pathlib import Path
 
 from analyses.base import Analysis, Result
 from analyses.engine import Replay
-from analyses.oracle import OracleAnalysis
+from analyses.registry import ANALYSES
 from analyses.report import render_csv, render_json, render_text
-from analyses.sharing import SharingAnalysis
-from analyses.snapshots import SnapshotVsContinuous
 from traces.reader import TraceError, open_trace
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "traces" / "samples"
@@ -44,16 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("trace", nargs="?", default=None,
                     help=f"trace file (default: the shipped sample, {DEFAULT_TRACE.name})")
-    g = ap.add_argument_group("analyses (default: all)")
-    g.add_argument("--sharing", action="store_true",
-                   help="the four figures over time, zero pages, shareable pages by type "
-                        "(Table 5.2), per address space, whole guest")
-    g.add_argument("--oracle", action="store_true",
-                   help="oracle lower bound at every change: min, max, time-weighted mean, "
-                        "page-time savings against mmap/fork and KSM hint all")
-    g.add_argument("--snapshot-vs-continuous", action="store_true",
-                   help="what snapshots every T see against the continuous trace: opportunity "
-                        "lifetimes, share never seen, survival between snapshots")
+    g = ap.add_argument_group("analyses (default: " + ", ".join(
+        c.flag for c in ANALYSES if c.default) + ")")
+    for cls in ANALYSES:
+        g.add_argument(cls.flag, action="store_true", dest=f"run_{cls.name}", help=cls.help)
     ap.add_argument("--interval", type=parse_time, default=None, metavar="T",
                     help="sampling interval in clock units (suffix k/M/G; default: 1/100 of "
                          "the trace for --sharing, 1/20 for --snapshot-vs-continuous)")
@@ -67,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--add-checkpoints", type=int, metavar="N", default=None,
                     help="append a seek checkpoint after every N chunks of the trace and exit")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    for cls in ANALYSES:
+        cls.add_arguments(ap)
     return ap
 
 
@@ -86,16 +80,9 @@ def run(argv: list[str] | None = None) -> int:
         n = add_checkpoints(path, a.add_checkpoints, progress=not a.quiet)
         print(f"{path}: added {n} checkpoints")
         return 0
-    chosen = [a.sharing, a.oracle, a.snapshot_vs_continuous]
-    if not any(chosen):
-        chosen = [True, True, True]
-    analyses: list[Analysis] = []
-    if chosen[0]:
-        analyses.append(SharingAnalysis(a.interval))
-    if chosen[1]:
-        analyses.append(OracleAnalysis())
-    if chosen[2]:
-        analyses.append(SnapshotVsContinuous(a.interval))
+    classes = [c for c in ANALYSES if getattr(a, f"run_{c.name}")] or \
+        [c for c in ANALYSES if c.default]
+    analyses: list[Analysis] = [c.from_args(a) for c in classes]
     if a.table and a.format != "csv":
         return fail("--table needs --format csv", 2)
 

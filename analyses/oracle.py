@@ -19,6 +19,10 @@ SERIES = ("full_cbps", "mmap_fork", "ksm_hint_all", "no_sharing")
 
 class OracleAnalysis(Analysis):
     name = "oracle"
+    flag = "--oracle"
+    help = ("oracle lower bound at every change: min, max, time-weighted mean, page-time "
+            "savings against mmap/fork and KSM hint all")
+    default = True
 
     def __init__(self) -> None:
         # change points: [t_start, t_end, oracle, mmap_fork, ksm_hint_all, no_sharing]

@@ -91,6 +91,14 @@ class SharingAnalysis(Analysis):
     """The four figures over time, sampled every ``interval`` clock units."""
 
     name = "sharing"
+    flag = "--sharing"
+    help = ("the four figures over time, zero pages, shareable pages by type (Table 5.2), "
+            "per address space, whole guest")
+    default = True
+
+    @classmethod
+    def from_args(cls, args: Any) -> SharingAnalysis:
+        return cls(args.interval)
 
     def __init__(self, interval: int | None = None, top_spaces: int = 20) -> None:
         self.interval = interval

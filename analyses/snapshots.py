@@ -21,7 +21,15 @@ from analyses.timeline import default_interval, samples_in
 
 class SnapshotVsContinuous(Analysis):
     name = "snapshot_vs_continuous"
+    flag = "--snapshot-vs-continuous"
+    help = ("what snapshots every T see against the continuous trace: opportunity lifetimes, "
+            "share never seen, survival between snapshots")
+    default = True
     wants_content_deltas = True
+
+    @classmethod
+    def from_args(cls, args: Any) -> SnapshotVsContinuous:
+        return cls(args.interval)
 
     def __init__(self, interval: int | None = None) -> None:
         self.interval = interval

@@ -1,0 +1,15 @@
+"""The analyses trace-analyze offers. To add one: write its class (see ``analyses.base``) and
+list it here; neither the engine nor the command line changes."""
+
+from __future__ import annotations
+
+from analyses.base import Analysis
+from analyses.oracle import OracleAnalysis
+from analyses.sharing import SharingAnalysis
+from analyses.snapshots import SnapshotVsContinuous
+
+ANALYSES: list[type[Analysis]] = [
+    SharingAnalysis,
+    OracleAnalysis,
+    SnapshotVsContinuous,
+]
