@@ -37,71 +37,109 @@ def hash_pages(image: np.ndarray, frames: np.ndarray, page_size: int = PAGE_SIZE
     return lo, hi
 
 
+_MULT = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing of the (already random) key
+
+
+def one_of_each(keys: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """Mask selecting one element per distinct value of ``keys`` (small non-negative ints that
+    index ``scratch``), in O(n) without sorting: the last writer of each scratch cell wins."""
+    pos = np.arange(len(keys))
+    scratch[keys] = pos
+    return scratch[keys] == pos
+
+
 class ContentTable:
     """Maps content hashes to dense ids (0, 1, 2, ...), assigning new ids on first sight.
 
-    Lookups are batched: a sorted main array plus a small sorted delta that is merged into the
-    main array when it grows, so a batch costs O(k log n) and merges are amortized.
+    An open-addressing hash table held in numpy arrays and probed for a whole batch at once
+    (linear probing, load factor at most 1/4, or 1/2 for huge tables), so a batch of k lookups costs O(k) array work and
+    no sorting, whatever the number of contents already known.
     """
 
-    def __init__(self) -> None:
-        self._keys = np.empty(0, dtype=np.uint64)
-        self._ids = np.empty(0, dtype=np.int64)
-        self._dkeys = np.empty(0, dtype=np.uint64)
-        self._dids = np.empty(0, dtype=np.int64)
+    def __init__(self, capacity_bits: int = 12) -> None:
         self.lo = np.empty(1024, dtype=np.uint64)
         self.hi = np.empty(1024, dtype=np.uint64)
         self.n = 0
+        self._alloc(capacity_bits)
+
+    @property
+    def _load(self) -> int:
+        """Slots per content: 4 keeps probe chains short; 2 past 16 M slots to bound memory."""
+        return 4 if self._bits < 24 else 2
+
+    def _alloc(self, bits: int) -> None:
+        self._bits = bits
+        self._keys = np.zeros(1 << bits, dtype=np.uint64)
+        self._slot_id = np.full(1 << bits, -1, dtype=np.int64)
+        self._scratch = np.zeros(1 << bits, dtype=np.int64)
 
     def __len__(self) -> int:
         return self.n
 
-    @staticmethod
-    def _find(keys: np.ndarray, ids: np.ndarray, q: np.ndarray) -> np.ndarray:
-        out = np.full(len(q), -1, dtype=np.int64)
-        if len(keys):
-            pos = np.searchsorted(keys, q)
-            pos[pos == len(keys)] = 0
-            hit = keys[pos] == q
-            out[hit] = ids[pos[hit]]
-        return out
+    def _slots(self, keys: np.ndarray) -> np.ndarray:
+        return ((keys * _MULT) >> np.uint64(64 - self._bits)).astype(np.int64)
+
+    def _probe(self, keys: np.ndarray, hi: np.ndarray | None) -> np.ndarray:
+        """Ids of ``keys``; unknown keys get new ids when ``hi`` is given (else -1)."""
+        n = len(keys)
+        res = np.full(n, -1, dtype=np.int64)
+        slot = self._slots(keys)
+        pending = np.arange(n)
+        mask = (1 << self._bits) - 1
+        while len(pending):
+            s = slot[pending]
+            sid = self._slot_id[s]
+            empty = sid < 0
+            match = ~empty & (self._keys[s] == keys[pending])
+            res[pending[match]] = sid[match]
+            done = match
+            if hi is not None and empty.any():
+                e = np.flatnonzero(empty)
+                win = e[one_of_each(s[e], self._scratch)]
+                m = len(win)
+                new = np.arange(self.n, self.n + m, dtype=np.int64)
+                q = pending[win]
+                self._keys[s[win]] = keys[q]
+                self._slot_id[s[win]] = new
+                res[q] = new
+                self._grow_ids(self.n + m)
+                self.lo[self.n:self.n + m] = keys[q]
+                self.hi[self.n:self.n + m] = hi[q]
+                self.n += m
+                done = done.copy()
+                done[win] = True
+            elif hi is None:
+                done = done | empty
+            # occupied by another key: try the next slot; losers of an insert race retry theirs
+            advance = ~done & ~empty
+            slot[pending[advance]] = (s[advance] + 1) & mask
+            pending = pending[~done]
+        return res
 
     def ids(self, hash_lo: np.ndarray, hash_hi: np.ndarray) -> np.ndarray:
         """Content ids for the given hashes (int64 array, same length)."""
-        if len(hash_lo) == 0:
+        lo = np.asarray(hash_lo, dtype=np.uint64)
+        if len(lo) == 0:
             return np.empty(0, dtype=np.int64)
-        uq, first, inv = np.unique(hash_lo, return_index=True, return_inverse=True)
-        res = self._find(self._keys, self._ids, uq)
-        miss = res < 0
-        if miss.any() and len(self._dkeys):
-            res[miss] = self._find(self._dkeys, self._dids, uq[miss])
-            miss = res < 0
-        m = int(miss.sum())
-        if m:
-            new = np.arange(self.n, self.n + m, dtype=np.int64)
-            res[miss] = new
-            self._grow(self.n + m)
-            self.lo[self.n:self.n + m] = uq[miss]
-            self.hi[self.n:self.n + m] = np.asarray(hash_hi, dtype=np.uint64)[first[miss]]
-            self.n += m
-            keys = np.concatenate([self._dkeys, uq[miss]])
-            order = np.argsort(keys, kind="stable")
-            self._dkeys = keys[order]
-            self._dids = np.concatenate([self._dids, new])[order]
-            if len(self._dkeys) > max(4096, len(self._keys) // 8):
-                keys = np.concatenate([self._keys, self._dkeys])
-                order = np.argsort(keys, kind="stable")
-                self._keys = keys[order]
-                self._ids = np.concatenate([self._ids, self._dids])[order]
-                self._dkeys = self._dkeys[:0]
-                self._dids = self._dids[:0]
-        return res[inv.reshape(-1)]
+        if self._load * (self.n + len(lo)) > len(self._keys):
+            self._rehash(self.n + len(lo))
+        return self._probe(lo, np.asarray(hash_hi, dtype=np.uint64))
+
+    def _rehash(self, need: int) -> None:
+        bits = self._bits
+        while (1 << bits) < self._load * need:
+            bits += 1
+        n = self.n
+        self._alloc(bits)
+        self.n = 0
+        self._probe(self.lo[:n].copy(), self.hi[:n].copy())
+        assert self.n == n
 
     def id_of(self, hash_lo: int, hash_hi: int) -> int:
         return int(self.ids(np.array([hash_lo], dtype=np.uint64),
                             np.array([hash_hi], dtype=np.uint64))[0])
 
-    def _grow(self, n: int) -> None:
+    def _grow_ids(self, n: int) -> None:
         if n > len(self.lo):
             size = max(n, 2 * len(self.lo))
             self.lo = np.resize(self.lo, size)

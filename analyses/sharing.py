@@ -26,11 +26,12 @@ def full_figures(st: ReplayState) -> dict[str, Any]:
     anon = ~named
     known = c >= 0
     kc = c[known]
-    u, inv = np.unique(kc, return_inverse=True)
-    inv = inv.reshape(-1)
-    n_anon = np.bincount(inv, weights=anon[known], minlength=len(u))
-    n_named = np.bincount(inv, weights=named[known], minlength=len(u))
+    # per content id: how many mapped anonymous and named frames hold it (dense ids: bincount)
+    ncontents = len(st.contents)
+    n_anon = np.bincount(kc, weights=anon[known], minlength=ncontents)
+    n_named = np.bincount(kc, weights=named[known], minlength=ncontents)
     total = n_anon + n_named
+    guest = st.content[st.content >= 0]
     dup = total >= 2
     kinds = {
         "anonymous": dup & (n_named == 0),
@@ -40,14 +41,14 @@ def full_figures(st: ReplayState) -> dict[str, Any]:
     out: dict[str, Any] = {
         "no_sharing": int(st.proc_count[mapped].sum()),
         "mmap_fork": len(mapped),
-        "ksm_hint_all": int(named.sum()) + len(np.unique(c[known & anon]))
+        "ksm_hint_all": int(named.sum()) + int(np.count_nonzero(n_anon))
         + int((anon & ~known).sum()),
-        "full_cbps": len(u) + int((~known).sum()),
+        "full_cbps": int(np.count_nonzero(total)) + int((~known).sum()),
         "zero_pages": int((c == st.zero_cid).sum()),
         "anon_frames": int(anon.sum()),
         "named_frames": int(named.sum()),
-        "guest_frames": int((st.content >= 0).sum()),
-        "guest_distinct": len(np.unique(st.content[st.content >= 0])),
+        "guest_frames": len(guest),
+        "guest_distinct": int(np.count_nonzero(np.bincount(guest, minlength=ncontents))),
     }
     for kind, sel in kinds.items():
         out[f"shareable_{kind}_contents"] = int(sel.sum())

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from analyses.content import ZERO_HASH, ContentTable
+from analyses.content import ZERO_HASH, ContentTable, one_of_each
 from traces.format import MAP_PRESENT, PageCacheOp, TaskOp, VmaOp
 
 
@@ -88,6 +88,8 @@ class ReplayState:
         self.ref_all = np.zeros(1024, dtype=np.int64)
         self.ref_mapped = np.zeros(1024, dtype=np.int64)
         self.ref_anon = np.zeros(1024, dtype=np.int64)
+        self._scratch = np.zeros(1024, dtype=np.int64)  # per content id, for one_of_each
+        self._frame_scratch = np.zeros(nframes, dtype=np.int64)
 
     def _init_state(self) -> None:
         self.file_of: dict[int, tuple[int, int, int]] = {}
@@ -133,7 +135,8 @@ class ReplayState:
         if max_frame < self.nframes:
             return
         n = max(max_frame + 1, 2 * self.nframes)
-        for name, fill in (("content", -1), ("proc_count", 0), ("named", False)):
+        for name, fill in (("content", -1), ("proc_count", 0), ("named", False),
+                           ("_frame_scratch", 0)):
             old = getattr(self, name)
             new = np.full(n, fill, dtype=old.dtype)
             new[:len(old)] = old
@@ -144,7 +147,7 @@ class ReplayState:
         n = len(self.contents)
         if n > len(self.ref_all):
             size = max(n, 2 * len(self.ref_all))
-            for name in ("ref_all", "ref_mapped", "ref_anon"):
+            for name in ("ref_all", "ref_mapped", "ref_anon", "_scratch"):
                 old = getattr(self, name)
                 new = np.zeros(size, dtype=np.int64)
                 new[:len(old)] = old
@@ -178,41 +181,49 @@ class ReplayState:
         self.known_frames += d(new_c >= 0, old_c >= 0)
         self.zero_mapped += d(new_m & (new_c == self.zero_cid), old_m & (old_c == self.zero_cid))
 
-        c = np.concatenate([old_c, new_c])
-        sign = np.concatenate([np.full(len(frames), -1.0), np.ones(len(frames))])
-        wm = sign * np.concatenate([old_m, new_m])
-        wa = sign * np.concatenate([old_m & ~old_n, new_m & ~new_n])
-        valid = c >= 0
-        if not valid.any():
+        # Each frame takes its old content's reference out and puts its new one in, for three
+        # reference counts (all frames, mapped frames, mapped anonymous frames). The number of
+        # distinct contents changes by the contents whose count crossed zero.
+        unchanged = (old_c == new_c) & (old_m == new_m) & (old_n == new_n)
+        if unchanged.all():
             return
-        u, inv = np.unique(c[valid], return_inverse=True)
-        inv = inv.reshape(-1)
-        n = len(u)
-        for ref, w, attr in ((self.ref_all, sign, "distinct_all"),
-                             (self.ref_mapped, wm, "distinct_mapped"),
-                             (self.ref_anon, wa, "distinct_anon")):
-            delta = np.bincount(inv, weights=w[valid], minlength=n).astype(np.int64)
-            before = ref[u]
-            after = before + delta
-            ref[u] = after
+        if unchanged.any():
+            keep = ~unchanged
+            old_c, new_c, old_m, new_m = old_c[keep], new_c[keep], old_m[keep], new_m[keep]
+            old_n, new_n = old_n[keep], new_n[keep]
+        c = np.concatenate([old_c, new_c])
+        k = len(old_c)
+        out_in = np.concatenate([np.full(k, -1, dtype=np.int64), np.ones(k, dtype=np.int64)])
+        sel_all = c >= 0
+        sel_m = sel_all & np.concatenate([old_m, new_m])
+        sel_a = sel_m & ~np.concatenate([old_n, new_n])
+        for ref, sel, attr in ((self.ref_all, sel_all, "distinct_all"),
+                               (self.ref_mapped, sel_m, "distinct_mapped"),
+                               (self.ref_anon, sel_a, "distinct_anon")):
+            cs = c[sel]
+            if len(cs) == 0:
+                continue
+            rep = cs[one_of_each(cs, self._scratch)]
+            before = ref[rep]
+            np.add.at(ref, cs, out_in[sel])
+            after = ref[rep]
             setattr(self, attr, getattr(self, attr) + int(np.count_nonzero(after > 0))
                     - int(np.count_nonzero(before > 0)))
             if ref is self.ref_mapped and self.listeners:
-                moved = delta != 0
+                moved = before != after
                 if moved.any():
                     for listener in self.listeners:
-                        listener(u[moved], before[moved], after[moved])
+                        listener(rep[moved], before[moved], after[moved])
 
     # -- record application ---------------------------------------------------------------------
     def apply_pages(self, frame: np.ndarray, hash_lo: np.ndarray, hash_hi: np.ndarray) -> None:
         frame = frame.astype(np.int64)
+        self.ensure_frames(int(frame.max()))
         if len(frame) > 1:
             # keep the last update of each frame
-            rev_u, rev_i = np.unique(frame[::-1], return_index=True)
-            if len(rev_u) != len(frame):
-                keep = np.sort(len(frame) - 1 - rev_i)
-                frame, hash_lo, hash_hi = frame[keep], hash_lo[keep], hash_hi[keep]
-        self.ensure_frames(int(frame.max()))
+            last = one_of_each(frame, self._frame_scratch)
+            if not last.all():
+                frame, hash_lo, hash_hi = frame[last], hash_lo[last], hash_hi[last]
         ids = self.contents.ids(hash_lo, hash_hi)
 
         def apply() -> None:

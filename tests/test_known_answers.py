@@ -134,3 +134,20 @@ def test_task_exit_releases_address_space(tmp_path):
     b.at(4).close()
     st = replay(tmp_path / "t.mtr")["state"]
     assert st.figures()["mmap_fork"] == 0 and 7 not in st.spaces
+
+
+def test_last_update_of_a_frame_in_one_block_wins(tmp_path):
+    import numpy as np
+
+    from tests.helpers import content
+
+    b = Builder(tmp_path / "t.mtr").at(1)
+    frames = np.array([5, 6, 5, 5, 6], dtype=np.uint64)
+    toks = [1, 2, 3, 4, 9]
+    h = np.array([content(t) for t in toks], dtype=np.uint64)
+    b.w.page(frames, h[:, 0], h[:, 1])  # one PAGE block
+    b.map(1, 0, 5).map(1, 1, 6).at(2).close()
+    st = replay(tmp_path / "t.mtr")["state"]
+    assert int(st.contents.lo[st.content[5]]) == content(4)[0]
+    assert int(st.contents.lo[st.content[6]]) == content(9)[0]
+    assert st.figures()["full_cbps"] == 2

@@ -1,0 +1,146 @@
+"""Replay speed: page-update records per second, raw writes per second, and replay cost as a
+ratio to plain zstd decompression of the same trace (issue 2's targets: >= 5 M page updates/s,
+>= 20 M raw writes/s, replay <= 3x decompression).
+
+    python bench/bench_replay.py [--updates 5000000] [--writes 20000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from analyses.engine import Replay  # noqa: E402
+from analyses.memimage import MemoryImage  # noqa: E402
+from analyses.registry import ANALYSES  # noqa: E402
+from traces.format import DTYPES, MAP_PRESENT, Kind  # noqa: E402
+from traces.reader import open_trace  # noqa: E402
+from traces.writer import TraceWriter, records  # noqa: E402
+
+NFRAMES = 131072  # 512 MiB guest
+
+
+def make_trace(path: str, updates: int, per_epoch: int, seed: int = 1) -> None:
+    """A pages-mode-like trace: 16 address spaces over 96k frames, then epochs of page updates
+    whose contents come from a pool with many duplicates (so counters really move)."""
+    rng = np.random.default_rng(seed)
+    pool = rng.integers(1, 2**63, size=(updates // 4 + 1000, 2), dtype=np.uint64)
+    with TraceWriter(path, {"ram_size": NFRAMES * 4096, "source": "synthetic",
+                            "generator": {"name": "bench_replay"}}) as w:
+        w.time(0)
+        frames = np.arange(NFRAMES, dtype=np.uint64)
+        c = pool[rng.integers(0, 50_000, NFRAMES)]
+        w.page(frames, c[:, 0], c[:, 1])
+        for mm in range(16):
+            fr = rng.choice(96_000, 6000, replace=False).astype(np.uint64)
+            w.map(np.full(6000, mm + 1, np.uint64), np.arange(6000, dtype=np.uint64) + 0x400,
+                  fr, np.full(6000, MAP_PRESENT, np.uint64))
+        t, done = 0, 0
+        while done < updates:
+            t += 10_000_000
+            w.time(t, t // 10_000_000)
+            k = min(per_epoch, updates - done)
+            fr = rng.choice(NFRAMES, k, replace=False).astype(np.uint64)
+            c = pool[rng.integers(0, len(pool), k)]
+            w.page(fr, c[:, 0], c[:, 1])
+            done += k
+
+
+def bench_pages(updates: int, per_epoch: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "bench.mtr")
+        make_trace(path, updates, per_epoch)
+        tr = open_trace(path)
+        size = os.path.getsize(path)
+        t0 = time.perf_counter()
+        raw = sum(len(tr._payload(c)) for c in tr.chunks)
+        t_dec = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        Replay(open_trace(path), [], progress=False).run()
+        t_engine = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        an = [cls() for cls in ANALYSES if cls.default]
+        Replay(open_trace(path), an, progress=False).run()
+        t_all = time.perf_counter() - t0
+    return {"updates": updates, "per_epoch": per_epoch, "trace_MB": size / 1e6,
+            "raw_MB": raw / 1e6, "decompress_s": t_dec, "replay_s": t_engine,
+            "replay_with_default_analyses_s": t_all,
+            "updates_per_s": updates / t_engine, "ratio_to_decompress": t_engine / t_dec,
+            "ratio_all_to_decompress": t_all / t_dec}
+
+
+def bench_writes(n: int, per_epoch: int = 1_000_000) -> dict[str, float]:
+    """Stores with kernel-like locality: runs of rep-stos bytes and 8-byte stores, 1 M per epoch;
+    each epoch's touched frames are hashed to find the changed pages."""
+    rng = np.random.default_rng(2)
+    img = MemoryImage(NFRAMES)
+    base = rng.integers(0, NFRAMES * 4096 - 64, size=n // 16).astype(np.uint64) & ~np.uint64(7)
+    addr = (np.repeat(base, 16) + np.tile(np.arange(16, dtype=np.uint64) * 8, len(base)))[:n]
+    size = rng.choice(np.array([1, 2, 4, 8], dtype=np.uint64), n, p=[0.3, 0.1, 0.2, 0.4])
+    rec = np.zeros(n, dtype=DTYPES[Kind.WRITE])
+    rec["addr"] = addr | (size << np.uint64(56))
+    rec["value"] = rng.integers(0, 2**63, n, dtype=np.uint64)
+    t0 = time.perf_counter()
+    changed = 0
+    for i in range(0, n, per_epoch):
+        img.apply_writes(rec[i:i + per_epoch])
+        changed += len(img.take_touched())
+    t_apply = time.perf_counter() - t0
+    return {"writes": n, "writes_per_s": n / t_apply, "frames_touched_per_epoch":
+            changed / max(1, n // per_epoch)}
+
+
+def bench_writes_with_hash(n: int, per_epoch: int = 1_000_000) -> dict[str, float]:
+    """Same, plus hashing each epoch's touched frames (the 'finding changed pages' step) with
+    realistic locality: stores concentrated in 2,000 hot frames."""
+    rng = np.random.default_rng(3)
+    img = MemoryImage(NFRAMES)
+    hot = rng.choice(NFRAMES, 2000, replace=False).astype(np.uint64)
+    addr = hot[rng.integers(0, 2000, n)] * np.uint64(4096) + \
+        (rng.integers(0, 511, n).astype(np.uint64) * np.uint64(8))
+    rec = np.zeros(n, dtype=DTYPES[Kind.WRITE])
+    rec["addr"] = addr | (np.uint64(8) << np.uint64(56))
+    rec["value"] = rng.integers(0, 2**63, n, dtype=np.uint64)
+    t0 = time.perf_counter()
+    for i in range(0, n, per_epoch):
+        img.apply_writes(rec[i:i + per_epoch])
+        img.hashes(img.take_touched())
+    dt = time.perf_counter() - t0
+    return {"writes": n, "writes_per_s_incl_hashing": n / dt}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--updates", type=int, default=5_000_000)
+    ap.add_argument("--per-epoch", type=int, default=5000)
+    ap.add_argument("--writes", type=int, default=20_000_000)
+    a = ap.parse_args()
+    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
+          f"python {platform.python_version()}, numpy {np.__version__}")
+    p = bench_pages(a.updates, a.per_epoch)
+    print(f"page updates: {p['updates']:,} in epochs of {p['per_epoch']:,}; trace "
+          f"{p['trace_MB']:.1f} MB ({p['raw_MB']:.1f} MB raw)")
+    print(f"  zstd decompression      {p['decompress_s']:.2f} s")
+    print(f"  replay (engine only)    {p['replay_s']:.2f} s = {p['updates_per_s'] / 1e6:.2f} M "
+          f"updates/s, {p['ratio_to_decompress']:.2f}x decompression")
+    print(f"  replay + default analyses {p['replay_with_default_analyses_s']:.2f} s = "
+          f"{p['ratio_all_to_decompress']:.2f}x decompression")
+    w = bench_writes(a.writes)
+    print(f"raw writes: {w['writes']:,} applied at {w['writes_per_s'] / 1e6:.1f} M/s "
+          f"({w['frames_touched_per_epoch']:.0f} frames touched per 1 M-write epoch)")
+    h = bench_writes_with_hash(a.writes)
+    print(f"raw writes + hashing touched frames (2,000 hot frames): "
+          f"{h['writes_per_s_incl_hashing'] / 1e6:.1f} M/s")
+
+
+if __name__ == "__main__":
+    main()
