@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install everything memtrace needs on a Debian 12/13 machine: system packages (QEMU, compilers,
+# libraries for the plugin, tools for the guest image), a Python venv with the package and its
+# test tools. Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  qemu-system-x86          # the emulator (TCG plugins enabled in Debian's build)
+  gcc make pkg-config      # plugin and guest-agent module
+  libglib2.0-dev libzstd-dev libxxhash-dev
+  dpkg-dev                 # apt-get source for qemu-plugin.h, dpkg-deb for the guest image
+  cpio zstd xz-utils kmod  # initramfs, kernel module tools
+  busybox-static
+  python3-venv
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "setup: missing packages: ${missing[*]} (run as root or install them with apt-get)" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/python -m pip install -q -e '.[test,plot]'
+echo "setup: done (.venv ready)"
