@@ -28,7 +28,7 @@ def plot(path: str, sharing: Result | None, oracle: Result | None, clock_unit: s
         t = [r[0] for r in s.rows]
         for col, lab in labels.items():
             i = s.columns.index(col)
-            ax.plot(t, [pages_to_mib(r[i]) for r in s.rows], label=lab,
+            ax.plot(t, [pages_to_mib(r[i]) for r in s.rows], label=lab, drawstyle="steps-post",
                     marker="." if len(t) < 60 else None)
     if oracle is not None:
         o = oracle.tables["series"]
