@@ -6,16 +6,22 @@ them after recording; the writer side needs no state of its own.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from tqdm import tqdm
 
 from analyses.engine import Replay
 from analyses.state import ReplayState
-from traces.format import MAP_PRESENT, Kind, MarkOp, PageCacheOp, TaskOp, VmaOp
+from traces.format import (
+    CHUNK_FLAG_CHECKPOINT,
+    MAP_PRESENT,
+    Kind,
+    MarkOp,
+    PageCacheOp,
+    TaskOp,
+    VmaOp,
+)
 from traces.reader import TraceError, open_trace
-from traces.writer import BlockBuffer, encode_chunk, records, write_index
+from traces.writer import BlockBuffer, append_chunks, records
 
 
 def state_blocks(st: ReplayState) -> BlockBuffer:
@@ -72,19 +78,8 @@ def add_checkpoints(path: str, every: int = 16, progress: bool = False) -> int:
         rp.apply_chunk(tr.read_chunk(info))
         if info.seq % every == every - 1 and info is not tr.chunks[-1]:
             new.append((info.seq, rp.state.t, state_blocks(rp.state).encode()))
-    entries = [(c.offset, c.t_first, c.t_last, c.seq, c.type, c.flags) for c in tr.chunks_all]
-    end = max(c.end for c in tr.chunks_all) if tr.chunks_all else tr.data_offset
     tr.close()
-    with open(path, "r+b") as f:
-        f.truncate(end)
-        f.seek(end)
-        for seq, t, raw in new:
-            off = f.tell()
-            f.write(encode_chunk(1, raw, t, t, seq, flags=1))
-            entries.append((off, t, t, seq, 1, 1))
-        write_index(f, entries)
-        f.flush()
-        os.fsync(f.fileno())
+    append_chunks(path, [(raw, t, t, seq, CHUNK_FLAG_CHECKPOINT) for seq, t, raw in new])
     return len(new)
 
 

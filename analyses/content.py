@@ -52,8 +52,8 @@ class ContentTable:
     """Maps content hashes to dense ids (0, 1, 2, ...), assigning new ids on first sight.
 
     An open-addressing hash table held in numpy arrays and probed for a whole batch at once
-    (linear probing, load factor at most 1/4, or 1/2 for huge tables), so a batch of k lookups costs O(k) array work and
-    no sorting, whatever the number of contents already known.
+    (linear probing, load factor at most 1/4, or 1/2 for huge tables), so a batch of k lookups
+    costs O(k) array work and no sorting, whatever the number of contents already known.
     """
 
     def __init__(self, capacity_bits: int = 12) -> None:

@@ -49,4 +49,5 @@ class MemoryImage:
         return hash_pages(self.mem, frames, self.page_size)
 
     def load_page(self, frame: int, data: bytes) -> None:
-        self.mem[frame * self.page_size:(frame + 1) * self.page_size] = np.frombuffer(data, np.uint8)
+        ps = self.page_size
+        self.mem[frame * ps:(frame + 1) * ps] = np.frombuffer(data, np.uint8)

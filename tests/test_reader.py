@@ -120,3 +120,18 @@ def test_corrupt_payload_names_offset(sample, tmp_path):
     tr2 = open_trace(p)
     Replay(tr2, salvage=True, progress=False).run()
     assert any("analysis stops before it" in w for w in tr2.warnings)
+
+
+def test_mark_incomplete_on_cut_trace(sample, tmp_path):
+    from analyses.engine import Replay
+    from traces.writer import mark_incomplete
+
+    data = sample.read_bytes()
+    p = tmp_path / "killed.mtr"
+    p.write_bytes(data[: len(data) * 2 // 3])  # as if the recorder was killed mid-chunk
+    n_before = len(open_trace(p).chunks)
+    mark_incomplete(p, "guest hung: timeout after 10 s")
+    tr = open_trace(p)
+    assert tr.complete_index and not tr.truncated and len(tr.chunks) == n_before + 1
+    st = Replay(tr, progress=False).run()
+    assert st.incomplete == "guest hung: timeout after 10 s"

@@ -277,3 +277,42 @@ def write_index(f: BinaryIO, entries: Iterable[tuple[int, int, int, int, int, in
     head = struct.pack("<8sQ", TRAILER_MAGIC, offset)
     f.write(TRAILER.pack(TRAILER_MAGIC, offset, zlib.crc32(head), 0))
     f.flush()
+
+
+def append_chunks(path: str | os.PathLike[str],
+                  chunks: Iterable[tuple[bytes, int, int, int, int]]) -> None:
+    """Append records chunks ``(raw, t_first, t_last, seq, flags)`` to an existing trace and
+    write a fresh index and trailer.
+
+    Works on cleanly closed traces (the old index is replaced) and on traces cut short (the
+    incomplete tail, which no reader can use, is dropped first).
+    """
+    from traces.reader import open_trace  # the reader knows where the valid chunks end
+
+    tr = open_trace(path)
+    entries = [(c.offset, c.t_first, c.t_last, c.seq, c.type, c.flags) for c in tr.chunks_all]
+    end = max((c.end for c in tr.chunks_all), default=tr.data_offset)
+    tr.close()
+    with open(path, "r+b") as f:
+        f.truncate(end)
+        f.seek(end)
+        for raw, t_first, t_last, seq, flags in chunks:
+            off = f.tell()
+            f.write(encode_chunk(ChunkType.RECORDS, raw, t_first, t_last, seq, flags))
+            entries.append((off, t_first, t_last, seq, ChunkType.RECORDS, flags))
+        write_index(f, entries)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def mark_incomplete(path: str | os.PathLike[str], reason: str) -> None:
+    """Append a MARK INCOMPLETE record (with the reason) to a trace a recorder had to stop."""
+    from traces.reader import open_trace
+
+    tr = open_trace(path)
+    t = tr.t_end
+    seq = (tr.chunks[-1].seq + 1) if tr.chunks else 0
+    tr.close()
+    b = BlockBuffer()
+    b.add(Kind.MARK, records(Kind.MARK, op=MarkOp.INCOMPLETE, name=b.string(reason)))
+    append_chunks(path, [(b.encode(), t, t, seq, 0)])
