@@ -318,3 +318,35 @@ class Trace:
 def open_trace(path: str | os.PathLike[str]) -> Trace:
     """Open a trace; raises ``TraceError`` (one line, with offset) when it cannot be read."""
     return Trace(os.fspath(path))
+
+
+def follow(path: str | os.PathLike[str], offset: int = 0) -> tuple[int, int, int]:
+    """Scan complete chunk headers of a trace that is being written, from ``offset`` (0: start).
+
+    Returns ``(next_offset, t_last, chunks)``: where to continue next time, the latest time seen
+    and how many records chunks were found. Cheap: reads only chunk headers.
+    """
+    t_last, n = 0, 0
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if offset == 0:
+                head = f.read(FILE_HEADER.size)
+                if len(head) < FILE_HEADER.size or head[:8] != FILE_MAGIC:
+                    return 0, 0, 0
+                offset = pad8(FILE_HEADER.size + FILE_HEADER.unpack(head)[3])
+            while offset + CHUNK_HEADER.size <= size:
+                f.seek(offset)
+                raw = f.read(CHUNK_HEADER.size)
+                (magic, ctype, flags, plen, _raw, _t0, t1, _seq, _pc, hcrc) = \
+                    CHUNK_HEADER.unpack(raw)
+                if magic != CHUNK_MAGIC or zlib.crc32(raw[:CHUNK_HEADER_CRC_SPAN]) != hcrc:
+                    break
+                if offset + CHUNK_HEADER.size + plen > size:
+                    break
+                if ctype == ChunkType.RECORDS and not flags & CHUNK_FLAG_CHECKPOINT:
+                    t_last, n = t1, n + 1
+                offset += CHUNK_HEADER.size + pad8(plen)
+    except FileNotFoundError:
+        return offset, 0, 0
+    return offset, t_last, n

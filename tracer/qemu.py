@@ -1,0 +1,159 @@
+"""Find and start QEMU for tracing: paths, versions, the command line, the QMP session.
+
+One place that knows how our guest is booted: TCG, one vCPU, no default devices (no DMA after
+boot), RAM in a shared file under /dev/shm that the plugin maps too, kernel and initramfs from the
+guest image, serial console to a log file, QMP on a unix socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build"
+PLUGIN = BUILD / "tracer" / "libmemtrace.so"
+GUEST = BUILD / "guest"
+MAILBOX_PHYS = 0x1F000000
+MAILBOX_SIZE = 1 << 20
+
+
+class SetupError(Exception):
+    """Something needed to run QEMU is missing; the message says what to install or build."""
+
+
+def qemu_binary() -> str:
+    exe = shutil.which("qemu-system-x86_64")
+    if exe is None:
+        raise SetupError("qemu-system-x86_64 not found: install the Debian package "
+                         "qemu-system-x86 (bash scripts/setup.sh does it)")
+    return exe
+
+
+def qemu_version(exe: str | None = None) -> str:
+    out = subprocess.run([exe or qemu_binary(), "--version"], capture_output=True, text=True,
+                         timeout=60).stdout
+    m = re.search(r"version (\S+)", out)
+    return m.group(1) if m else out.strip().splitlines()[0]
+
+
+def parse_size(s: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMG]?)", s.strip().upper())
+    if not m:
+        raise ValueError(f"not a size: {s!r} (e.g. 512M)")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)]
+
+
+@dataclass
+class GuestRun:
+    """One boot of the guest under QEMU."""
+
+    kernel: Path
+    initrd: Path
+    append: str
+    ram_size: int = 512 << 20
+    plugin_args: dict[str, str] | None = None  # None: plain TCG, no plugin
+    workdir: Path = field(default_factory=lambda: Path("/tmp"))
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @property
+    def ram_path(self) -> Path:
+        return Path("/dev/shm") / f"memtrace-{os.getpid()}-{self.tag}.ram"
+
+    @property
+    def qmp_path(self) -> Path:
+        return self.workdir / f"qmp-{self.tag}.sock"
+
+    @property
+    def serial_path(self) -> Path:
+        return self.workdir / f"serial-{self.tag}.log"
+
+    def command(self) -> list[str]:
+        mib = self.ram_size >> 20
+        cmd = [
+            qemu_binary(), "-accel", "tcg", "-smp", "1", "-m", f"{mib}M",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-object", f"memory-backend-file,id=ram,size={mib}M,mem-path={self.ram_path},"
+                       "share=on",
+            "-machine", "pc,memory-backend=ram",
+            "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", self.append,
+            "-serial", f"file:{self.serial_path}",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+        ]
+        if self.plugin_args is not None:
+            if not PLUGIN.exists():
+                raise SetupError(f"tracer plugin {PLUGIN} is not built: run bash tracer/build.sh")
+            args = ",".join(f"{k}={v}" for k, v in self.plugin_args.items())
+            cmd += ["-plugin", f"{PLUGIN},{args}"]
+        return cmd
+
+    def cleanup(self) -> None:
+        for p in (self.ram_path, self.qmp_path):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+class QemuProcess:
+    """A running QEMU with its QMP client (qemu.qmp). Always stopped by ``stop()``."""
+
+    def __init__(self, run: GuestRun, stderr_path: Path) -> None:
+        self.run = run
+        self.stderr_path = stderr_path
+        self.proc: asyncio.subprocess.Process | None = None
+        self.qmp = QMPClient("trace-record")
+
+    async def start(self, connect_timeout: float = 120.0) -> None:
+        with open(self.stderr_path, "wb") as err:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.run.command(), stdin=asyncio.subprocess.DEVNULL,
+                stdout=err, stderr=err)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + connect_timeout
+        while True:
+            if self.proc.returncode is not None:
+                return  # exited at once (bad plugin argument...): the caller reads stderr
+            try:
+                await self.qmp.connect(str(self.run.qmp_path))
+                return
+            except Exception:  # noqa: BLE001 - socket not there yet; QEMU still starting
+                if loop.time() > deadline:
+                    raise
+                try:
+                    await asyncio.wait_for(self.proc.wait(), 0.1)
+                except TimeoutError:
+                    pass
+
+    async def wait(self, timeout: float) -> int | None:
+        assert self.proc is not None
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            return None
+
+    async def stop(self, grace: float = 60.0) -> int:
+        """Ask QEMU to quit over QMP (the plugin's exit hook closes the trace), then kill it."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.execute("quit"), 10)
+            if await self.wait(grace) is None:
+                self.proc.kill()
+                await self.proc.wait()
+        with contextlib.suppress(Exception):
+            await self.qmp.disconnect()
+        return self.proc.returncode if self.proc.returncode is not None else -1
+
+    def stderr_text(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""

@@ -1,0 +1,255 @@
+"""trace-record: boot the guest image under QEMU with the tracer plugin and record a scenario.
+
+Guest RAM lives in a shared file under /dev/shm (the plugin maps it too; always removed at the
+end), QEMU is driven over QMP (qemu.qmp), the trace starts and stops on the guest agent's markers
+so it holds the workload, not the boot. ``--verify`` replays the finished trace and compares every
+frame with the real RAM file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from tracer.qemu import (
+    GUEST,
+    MAILBOX_PHYS,
+    MAILBOX_SIZE,
+    PLUGIN,
+    ROOT,
+    GuestRun,
+    QemuProcess,
+    SetupError,
+    parse_size,
+    qemu_binary,
+    qemu_version,
+)
+from traces.reader import TraceError, follow
+from traces.writer import mark_incomplete
+
+SCENARIOS = ("single", "terminal-server", "zero-install", "server-heap", "ksm")
+DONE = re.compile(rb"MEMTRACE-SCENARIO-DONE rc=(-?\d+)")
+VERSION = "0.1.0"
+
+
+def guest_image(build: bool = True) -> dict[str, Any]:
+    """The guest image's manifest (kernel, initramfs, identity), building it if missing."""
+    manifest = GUEST / "manifest.json"
+    if not manifest.exists() and build:
+        print("trace-record: building the guest image (cached in build/guest)", file=sys.stderr)
+        r = subprocess.run([sys.executable, str(ROOT / "guest-agent" / "build_image.py"),
+                            "--out", str(GUEST)], timeout=3600)
+        if r.returncode != 0:
+            raise SetupError("building the guest image failed (see above); rerun "
+                             "python3 guest-agent/build_image.py")
+    if not manifest.exists():
+        raise SetupError(f"no guest image in {GUEST}: run python3 guest-agent/build_image.py")
+    return json.loads(manifest.read_text())
+
+
+def ensure_plugin() -> None:
+    if not PLUGIN.exists():
+        print("trace-record: building the tracer plugin", file=sys.stderr)
+        r = subprocess.run(["bash", str(ROOT / "tracer" / "build.sh")], timeout=3600)
+        if r.returncode != 0 or not PLUGIN.exists():
+            raise SetupError("building the tracer plugin failed (see above); rerun "
+                             "bash tracer/build.sh")
+
+
+def kernel_cmdline(scenario: str, n: int, extra: str = "") -> str:
+    return (f"console=ttyS0 panic=-1 nokaslr memmap={MAILBOX_SIZE >> 10}K${MAILBOX_PHYS:#x} "
+            f"memtrace.mailbox_phys={MAILBOX_PHYS:#x} memtrace.mailbox_size={MAILBOX_SIZE} "
+            f"memtrace.scenario={scenario} memtrace.n={n} {extra}").strip()
+
+
+def parse_count(s: str) -> int:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kMG]?)", s)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a count: {s!r} (e.g. 10M)")
+    return int(float(m.group(1)) * {"": 1, "k": 10**3, "M": 10**6, "G": 10**9}[m.group(2)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="trace-record", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenario", default="single", choices=SCENARIOS + ("selftest",),
+                    help="guest workload (default: single)")
+    ap.add_argument("-n", type=int, default=2, help="instances for the scenario (default: 2)")
+    ap.add_argument("-o", "--output", help="trace file (default: out/SCENARIO-N-MODE.mtr)")
+    ap.add_argument("--mode", choices=("pages", "writes"), default="pages",
+                    help="pages: content hashes of changed frames per epoch (default); "
+                         "writes: every store with its value as well")
+    ap.add_argument("--epoch", type=parse_count, default=10_000_000,
+                    help="epoch length in guest instructions (default 10M)")
+    ap.add_argument("--ram", default="512M", help="guest RAM (default 512M, at most 2G)")
+    ap.add_argument("--track", choices=("auto", "pagemap", "callbacks"), default="auto",
+                    help="how pages mode finds written frames (default: auto)")
+    ap.add_argument("--start", choices=("marker", "now"), default="marker",
+                    help="start tracing at the agent's start marker (default) or at boot")
+    ap.add_argument("--timeout", type=float, default=1800,
+                    help="stop QEMU after this many seconds (default 1800); the trace is kept "
+                         "and marked incomplete")
+    ap.add_argument("--verify", action="store_true",
+                    help="after the run, compare every frame of guest RAM with the trace")
+    ap.add_argument("--no-plugin", action="store_true",
+                    help="run the scenario under plain TCG without tracing (for benchmarks)")
+    ap.add_argument("--serial-log", help="keep the guest's serial console here")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+class Recorder:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.stop_reason: str | None = None
+        self.stop_event = asyncio.Event()
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.stop_event.set()
+
+    async def run(self) -> int:
+        a = self.a
+        qemu_binary()
+        manifest = guest_image()
+        if not a.no_plugin:
+            ensure_plugin()
+        ram_size = parse_size(a.ram)
+        if ram_size > 2 << 30:
+            raise SetupError("--ram at most 2G (guest physical address == RAM file offset "
+                             "only below the PCI hole)")
+        out = Path(a.output or f"out/{a.scenario}-{a.n}-{a.mode}.mtr")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="trace-record-") as tmp:
+            work = Path(tmp)
+            run = GuestRun(kernel=Path(manifest.get("kernel", GUEST / "bzImage")),
+                           initrd=Path(manifest.get("initramfs", GUEST / "initramfs.cpio.gz")),
+                           append=kernel_cmdline(a.scenario, a.n), ram_size=ram_size,
+                           workdir=work)
+            if not run.kernel.is_absolute():
+                run.kernel = GUEST / run.kernel
+            if not run.initrd.is_absolute():
+                run.initrd = GUEST / run.initrd
+            header_path = work / "header.json"
+            header = {
+                "source": "recorded", "mode": a.mode, "epoch_length": a.epoch,
+                "ram_size": ram_size, "clock_unit": "instructions",
+                "command": " ".join(["trace-record", *sys.argv[1:]]),
+                "scenario": {"name": a.scenario, "n": a.n},
+                "guest_image": manifest.get("identity", manifest),
+                "tool_versions": {"qemu": qemu_version(), "memtrace": VERSION},
+                "kernel_cmdline": run.append,
+            }
+            header_path.write_text(json.dumps(header))
+            if not a.no_plugin:
+                run.plugin_args = {
+                    "out": str(out.resolve()), "ram": str(run.ram_path),
+                    "ram_size": str(ram_size), "mode": a.mode, "epoch": str(a.epoch),
+                    "mailbox": hex(MAILBOX_PHYS), "mailbox_size": str(MAILBOX_SIZE),
+                    "track": a.track, "header": str(header_path), "start": a.start,
+                }
+            try:
+                return await self._boot(run, out, work)
+            finally:
+                run.cleanup()
+                if run.ram_path.exists():  # pragma: no cover - cleanup() removes it
+                    print(f"trace-record: warning: could not remove {run.ram_path}",
+                          file=sys.stderr)
+
+    async def _boot(self, run: GuestRun, out: Path, work: Path) -> int:
+        a = self.a
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop, "interrupted by signal")
+        q = QemuProcess(run, work / "qemu.stderr")
+        t0 = time.monotonic()
+        await q.start()
+        assert q.proc is not None
+        if q.proc.returncode is not None:
+            err = q.stderr_text().strip().splitlines()
+            raise SetupError("QEMU refused to start: " + (err[-1] if err else
+                                                           f"exit code {q.proc.returncode}"))
+        bar = tqdm(total=None, unit="", desc=f"{a.scenario}", disable=a.quiet,
+                   file=sys.stderr, bar_format="{desc}: {elapsed} {postfix}")
+        offset = 0
+        t_guest, chunks = 0, 0
+        try:
+            while True:
+                stop = asyncio.create_task(self.stop_event.wait())
+                done = asyncio.create_task(q.proc.wait())
+                finished, _ = await asyncio.wait({stop, done}, timeout=1.0,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if done not in finished:
+                    done.cancel()
+                if not a.no_plugin:
+                    offset, t, n = follow(out, offset)
+                    t_guest, chunks = max(t_guest, t), chunks + n
+                size = out.stat().st_size if out.exists() else 0
+                bar.set_postfix_str(f"guest instructions {t_guest / 1e9:.2f} G, trace "
+                                    f"{size / 1e6:.1f} MB, {chunks} chunks", refresh=True)
+                if q.proc.returncode is not None or self.stop_event.is_set():
+                    break
+                if time.monotonic() - t0 > a.timeout:
+                    self.request_stop(f"timeout after {a.timeout:g} s (guest hung?)")
+                    break
+        finally:
+            bar.close()
+            rc = await q.stop()
+        wall = time.monotonic() - t0
+        serial = run.serial_path.read_bytes() if run.serial_path.exists() else b""
+        if a.serial_log:
+            Path(a.serial_log).write_bytes(serial)
+        m = DONE.search(serial)
+        if self.stop_reason is None and m is None:
+            self.stop_reason = f"QEMU exited (code {rc}) before the scenario finished"
+        if not a.no_plugin:
+            if not out.exists():
+                raise SetupError("the plugin wrote no trace: " +
+                                 (q.stderr_text().strip().splitlines() or ["no message"])[-1])
+            if self.stop_reason:
+                mark_incomplete(out, self.stop_reason)
+        status = "ok" if not self.stop_reason else f"INCOMPLETE: {self.stop_reason}"
+        print(f"trace-record: {a.scenario} n={a.n}: {status}; wall {wall:.1f} s"
+              + ("" if a.no_plugin else f"; trace {out} ({out.stat().st_size / 1e6:.1f} MB)"),
+              file=sys.stderr)
+        if m is not None and int(m.group(1)) != 0:
+            print(f"trace-record: warning: the scenario exited with rc={m.group(1)}",
+                  file=sys.stderr)
+        if a.verify and not a.no_plugin:
+            from tracer.verify import verify
+
+            res = verify(out, run.ram_path, (MAILBOX_PHYS, MAILBOX_SIZE), progress=not a.quiet)
+            print(res.summary(), file=sys.stderr)
+            if not res.ok:
+                return 3
+        return 0 if not self.stop_reason else 4
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    try:
+        code = asyncio.run(Recorder(a).run())
+    except (SetupError, TraceError, ValueError) as e:
+        print(f"trace-record: error: {e}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print("trace-record: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
