@@ -69,9 +69,10 @@ class ContentTable:
 
     def _alloc(self, bits: int) -> None:
         self._bits = bits
-        self._keys = np.zeros(1 << bits, dtype=np.uint64)
-        self._slot_id = np.full(1 << bits, -1, dtype=np.int64)
-        self._scratch = np.zeros(1 << bits, dtype=np.int64)
+        # one 16-byte slot per entry: (key, id + 1), id + 1 == 0 marking an empty slot, so that a
+        # probe costs one random memory access. Slots are handled through a complex128 view:
+        # numpy gathers and scatters 1-D arrays of 16-byte items much faster than 2-D rows.
+        self._table = np.zeros(1 << bits, dtype=np.complex128)
 
     def __len__(self) -> int:
         return self.n
@@ -79,28 +80,41 @@ class ContentTable:
     def _slots(self, keys: np.ndarray) -> np.ndarray:
         return ((keys * _MULT) >> np.uint64(64 - self._bits)).astype(np.int64)
 
-    def _probe(self, keys: np.ndarray, hi: np.ndarray | None) -> np.ndarray:
-        """Ids of ``keys``; unknown keys get new ids when ``hi`` is given (else -1)."""
+    @staticmethod
+    def _pack(keys: np.ndarray, vals: np.ndarray) -> np.ndarray:
+        out = np.empty((len(keys), 2), dtype=np.uint64)
+        out[:, 0] = keys
+        out[:, 1] = vals
+        return out.view(np.complex128).reshape(-1)
+
+    def _probe(self, keys: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Ids of ``keys``, inserting unknown ones (with their ``hi`` halves) as new ids."""
         n = len(keys)
-        res = np.full(n, -1, dtype=np.int64)
+        table = self._table
+        res = np.empty(n, dtype=np.int64)
         slot = self._slots(keys)
         pending = np.arange(n)
         mask = (1 << self._bits) - 1
-        while len(pending):
+        claim = np.uint64(1 << 62)
+        while len(pending) > 24:
             s = slot[pending]
-            sid = self._slot_id[s]
-            empty = sid < 0
-            match = ~empty & (self._keys[s] == keys[pending])
-            res[pending[match]] = sid[match]
+            row = table[s].view(np.uint64).reshape(-1, 2)
+            occupied = row[:, 1] != 0
+            match = occupied & (row[:, 0] == keys[pending])
+            res[pending[match]] = row[match, 1].astype(np.int64) - 1
             done = match
-            if hi is not None and empty.any():
-                e = np.flatnonzero(empty)
-                win = e[one_of_each(s[e], self._scratch)]
+            if not occupied.all():
+                # empty slots: each is claimed by one of the keys probing it (the last writer
+                # wins); the others see the winner's key there on their next round
+                e = np.flatnonzero(~occupied)
+                se = s[e]
+                mark = claim + e.astype(np.uint64)
+                table[se] = self._pack(mark, mark)
+                win = e[table[se].view(np.uint64).reshape(-1, 2)[:, 1] == mark]
                 m = len(win)
                 new = np.arange(self.n, self.n + m, dtype=np.int64)
                 q = pending[win]
-                self._keys[s[win]] = keys[q]
-                self._slot_id[s[win]] = new
+                table[s[win]] = self._pack(keys[q], (new + 1).astype(np.uint64))
                 res[q] = new
                 self._grow_ids(self.n + m)
                 self.lo[self.n:self.n + m] = keys[q]
@@ -108,12 +122,31 @@ class ContentTable:
                 self.n += m
                 done = done.copy()
                 done[win] = True
-            elif hi is None:
-                done = done | empty
-            # occupied by another key: try the next slot; losers of an insert race retry theirs
-            advance = ~done & ~empty
+            advance = occupied & ~match
             slot[pending[advance]] = (s[advance] + 1) & mask
             pending = pending[~done]
+        if len(pending):
+            # the tail of long probe chains: a few keys, cheaper one by one than another round
+            words = table.view(np.uint64)
+            for i in pending.tolist():
+                key = int(keys[i])
+                j = int(slot[i])
+                while True:
+                    tag = int(words[2 * j + 1])
+                    if tag == 0:
+                        new = self.n
+                        words[2 * j] = key
+                        words[2 * j + 1] = new + 1
+                        self._grow_ids(new + 1)
+                        self.lo[new] = key
+                        self.hi[new] = hi[i]
+                        self.n += 1
+                        res[i] = new
+                        break
+                    if int(words[2 * j]) == key:
+                        res[i] = tag - 1
+                        break
+                    j = (j + 1) & mask
         return res
 
     def ids(self, hash_lo: np.ndarray, hash_hi: np.ndarray) -> np.ndarray:
@@ -121,7 +154,7 @@ class ContentTable:
         lo = np.asarray(hash_lo, dtype=np.uint64)
         if len(lo) == 0:
             return np.empty(0, dtype=np.int64)
-        if self._load * (self.n + len(lo)) > len(self._keys):
+        if self._load * (self.n + len(lo)) > len(self._table):
             self._rehash(self.n + len(lo))
         return self._probe(lo, np.asarray(hash_hi, dtype=np.uint64))
 

@@ -74,7 +74,8 @@ class ReplayState:
     def __init__(self, nframes: int = 0, page_size: int = 4096) -> None:
         self.page_size = page_size
         self.t = 0
-        self.contents = ContentTable()
+        # room for about one content per frame before the table has to grow
+        self.contents = ContentTable(max(12, (4 * max(nframes, 1)).bit_length()))
         self.zero_cid = self.contents.id_of(*ZERO_HASH)
         self.listeners: list[ContentListener] = []
         self._alloc(max(nframes, 1))
@@ -197,23 +198,25 @@ class ReplayState:
         sel_all = c >= 0
         sel_m = sel_all & np.concatenate([old_m, new_m])
         sel_a = sel_m & ~np.concatenate([old_n, new_n])
-        for ref, sel, attr in ((self.ref_all, sel_all, "distinct_all"),
-                               (self.ref_mapped, sel_m, "distinct_mapped"),
-                               (self.ref_anon, sel_a, "distinct_anon")):
-            cs = c[sel]
-            if len(cs) == 0:
-                continue
-            rep = cs[one_of_each(cs, self._scratch)]
-            before = ref[rep]
-            np.add.at(ref, cs, out_in[sel])
-            after = ref[rep]
-            setattr(self, attr, getattr(self, attr) + int(np.count_nonzero(after > 0))
-                    - int(np.count_nonzero(before > 0)))
-            if ref is self.ref_mapped and self.listeners:
-                moved = before != after
-                if moved.any():
-                    for listener in self.listeners:
-                        listener(rep[moved], before[moved], after[moved])
+        self.distinct_all += self._move(self.ref_all, c[sel_all], out_in[sel_all])
+        self.distinct_mapped += self._move(self.ref_mapped, c[sel_m], out_in[sel_m])
+        self.distinct_anon += self._move(self.ref_anon, c[sel_a], out_in[sel_a])
+
+    def _move(self, ref: np.ndarray, cids: np.ndarray, delta: np.ndarray) -> int:
+        """Add ``delta`` to ``ref`` at ``cids`` (repeats allowed); return the change in the
+        number of contents with a positive count. Mapped-count changes go to the listeners."""
+        if len(cids) == 0:
+            return 0
+        rep = cids[one_of_each(cids, self._scratch)]
+        before = ref[rep]
+        np.add.at(ref, cids, delta)
+        after = ref[rep]
+        if ref is self.ref_mapped and self.listeners:
+            moved = before != after
+            if moved.any():
+                for listener in self.listeners:
+                    listener(rep[moved], before[moved], after[moved])
+        return int(np.count_nonzero(after)) - int(np.count_nonzero(before))
 
     # -- record application ---------------------------------------------------------------------
     def apply_pages(self, frame: np.ndarray, hash_lo: np.ndarray, hash_hi: np.ndarray) -> None:
@@ -225,11 +228,33 @@ class ReplayState:
             if not last.all():
                 frame, hash_lo, hash_hi = frame[last], hash_lo[last], hash_hi[last]
         ids = self.contents.ids(hash_lo, hash_hi)
-
-        def apply() -> None:
-            self.content[frame] = ids
-
-        self.change_frames(frame, apply)
+        self._ensure_contents()
+        # Only contents change: mapped and named status stay, so the general change_frames
+        # reduces to moving references from the old contents to the new ones.
+        old = self.content[frame]
+        self.content[frame] = ids
+        self.version += 1
+        m = self.proc_count[frame] > 0
+        a = m & ~self.named[frame]
+        had = old >= 0
+        self.known_frames += len(frame) - int(np.count_nonzero(had))
+        if not had.all():
+            self.unknown_mapped -= int(np.count_nonzero(m & ~had))
+            self.unknown_anon -= int(np.count_nonzero(a & ~had))
+        z = self.zero_cid
+        self.zero_mapped += int(np.count_nonzero(m & (ids == z))) - \
+            int(np.count_nonzero(m & (old == z)))
+        k = len(frame)
+        ones = np.ones(k, dtype=np.int64)
+        for ref, sel, attr in ((self.ref_all, None, "distinct_all"),
+                               (self.ref_mapped, m, "distinct_mapped"),
+                               (self.ref_anon, a, "distinct_anon")):
+            o = old if sel is None else old[sel]
+            n = ids if sel is None else ids[sel]
+            o = o[o >= 0]
+            cids = np.concatenate([o, n])
+            delta = np.concatenate([-ones[:len(o)], ones[:len(n)]])
+            setattr(self, attr, getattr(self, attr) + self._move(ref, cids, delta))
 
     def _space(self, mm: int) -> AddressSpace:
         sp = self.spaces.get(mm)
