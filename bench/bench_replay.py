@@ -24,7 +24,7 @@ from analyses.memimage import MemoryImage  # noqa: E402
 from analyses.registry import ANALYSES  # noqa: E402
 from traces.format import DTYPES, MAP_PRESENT, Kind  # noqa: E402
 from traces.reader import open_trace  # noqa: E402
-from traces.writer import TraceWriter, records  # noqa: E402
+from traces.writer import TraceWriter  # noqa: E402
 
 NFRAMES = 131072  # 512 MiB guest
 
@@ -33,7 +33,7 @@ def make_trace(path: str, updates: int, per_epoch: int, seed: int = 1) -> None:
     """A pages-mode-like trace: 16 address spaces over 96k frames, then epochs of page updates
     whose contents come from a pool with many duplicates (so counters really move)."""
     rng = np.random.default_rng(seed)
-    pool = rng.integers(1, 2**63, size=(updates // 4 + 1000, 2), dtype=np.uint64)
+    pool = rng.integers(1, 2**63, size=(updates // 4 + 50_000, 2), dtype=np.uint64)
     with TraceWriter(path, {"ram_size": NFRAMES * 4096, "source": "synthetic",
                             "generator": {"name": "bench_replay"}}) as w:
         w.time(0)
