@@ -13,8 +13,11 @@ from typing import Any
 from analyses.base import Analysis, Result, Table
 from analyses.state import ReplayState
 from analyses.timeline import pages_to_mib
+from traces.format import Kind
 
 SERIES = ("full_cbps", "mmap_fork", "ksm_hint_all", "no_sharing")
+#: a recorder's estimate of clock units per second of guest time, when the header has none
+CLOCK_COUNTER = "tracer.clock_hz"
 
 
 class OracleAnalysis(Analysis):
@@ -28,6 +31,13 @@ class OracleAnalysis(Analysis):
         # change points: [t_start, t_end, oracle, mmap_fork, ksm_hint_all, no_sharing]
         self.points: list[list[int]] = []
         self.final: dict[str, int] = {}
+        self.clock_hz: int | None = None
+
+    def on_records(self, st: ReplayState, kind: int, records: Any, chunk: Any) -> None:
+        if kind == Kind.COUNTER:
+            for r in records:
+                if chunk.string(r["name"]) == CLOCK_COUNTER and r["value"]:
+                    self.clock_hz = int(r["value"])
 
     def on_interval(self, st: ReplayState, t0: int, t1: int) -> None:
         f = st.figures()
@@ -77,7 +87,7 @@ class OracleAnalysis(Analysis):
         r.summary["savings_vs_mmap_fork"] = save_mf
         r.summary["savings_vs_ksm_hint_all"] = save_ksm
         r.units["savings_vs_mmap_fork"] = r.units["savings_vs_ksm_hint_all"] = f"page*{unit}"
-        hz = tr.header.get("clock_hz")
+        hz = tr.header.get("clock_hz") or self.clock_hz
         if hz:
             for k in ("savings_vs_mmap_fork", "savings_vs_ksm_hint_all"):
                 r.summary[k + "_mib_s"] = round(pages_to_mib(r.summary[k], ps) / float(hz), 3)

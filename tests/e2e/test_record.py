@@ -1,0 +1,104 @@
+"""End to end: trace-record boots the real guest image under real QEMU with the real plugin and
+guest agent, records a scenario, verifies the trace against guest RAM, and trace-analyze reads it.
+
+Slow (minutes under TCG) and generous with timeouts; nothing depends on wall-clock speed.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from analyses.engine import Replay
+from traces.format import Kind, MarkOp, TaskOp
+from traces.reader import open_trace
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def shm_files() -> set[str]:
+    return set(glob.glob("/dev/shm/memtrace-*"))
+
+
+def record(*args: str, timeout: float = 3000) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tracer.record", "-q", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "analyses.cli", "-q", *args],
+                          capture_output=True, text=True, timeout=1800, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def single_trace(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rec") / "single.mtr"
+    before = shm_files()
+    p = record("--scenario", "single", "-n", "1", "--verify", "-o", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "0 differ" in p.stderr, p.stderr[-2000:]
+    assert shm_files() <= before, "guest RAM file left in /dev/shm"
+    return out
+
+
+def test_verify_and_analyze(single_trace):
+    tr = open_trace(single_trace)
+    assert tr.complete_index and not tr.truncated
+    h = tr.header
+    assert h["source"] == "recorded" and h["scenario"]["name"] == "single"
+    assert h["mode"] == "pages" and h["clock_unit"] == "instructions"
+    assert h["tracking"] in ("pagemap-scan", "store-callbacks")
+    st = Replay(tr, progress=False).run()
+    assert st.incomplete is None
+    ops = [op for _, op, _ in st.marks]
+    assert MarkOp.START in ops and MarkOp.STOP in ops
+    assert not st.lost, f"guest events lost: {st.lost}"
+    p = analyze(str(single_trace), "--format", "json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    peak = doc["results"]["sharing"]["summary"]
+    # a real multi-process workload maps pages, and Linux already shares some (libraries)
+    assert peak["peak_no_sharing"] > peak["peak_mmap_fork"] > 0
+    assert peak["peak_mmap_fork"] >= peak["peak_ksm_hint_all"] >= peak["peak_full_cbps"] > 0
+
+
+def test_trace_has_tasks_vmas_and_mappings(single_trace):
+    tr = open_trace(single_trace)
+    kinds: dict[int, int] = {}
+    execs = []
+    for chunk in tr.iter_chunks():
+        for kind, rec in chunk.blocks:
+            kinds[kind] = kinds.get(kind, 0) + len(rec)
+            if kind == Kind.TASK:
+                execs += [chunk.string(r["name"]) for r in rec if r["op"] == TaskOp.EXEC]
+    for k in (Kind.TIME, Kind.PAGE, Kind.TASK, Kind.VMA, Kind.PAGECACHE, Kind.MAP):
+        assert kinds.get(k, 0) > 0, f"no {Kind(k).name} records"
+    assert any(e and "python3" in e for e in execs), execs
+
+
+def test_timeout_keeps_partial_trace(tmp_path):
+    out = tmp_path / "hung.mtr"
+    before = shm_files()
+    p = record("--scenario", "single", "-n", "1", "--start", "now", "--timeout", "20",
+               "-o", str(out))
+    assert p.returncode == 4, p.stderr[-2000:]
+    assert "INCOMPLETE" in p.stderr and "timeout" in p.stderr
+    st = Replay(open_trace(out), progress=False).run()
+    assert st.incomplete and "timeout" in st.incomplete
+    assert shm_files() <= before
+
+
+def test_bad_plugin_argument_is_refused(tmp_path):
+    from tracer.qemu import PLUGIN
+
+    p = subprocess.run(["qemu-system-x86_64", "-accel", "tcg", "-display", "none",
+                        "-nodefaults", "-plugin", f"{PLUGIN},mode=bogus", "-S"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "mode" in p.stderr and "Segmentation" not in p.stderr
