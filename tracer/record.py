@@ -134,21 +134,19 @@ class Recorder:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="trace-record-") as tmp:
             work = Path(tmp)
-            run = GuestRun(kernel=Path(manifest.get("kernel", GUEST / "bzImage")),
-                           initrd=Path(manifest.get("initramfs", GUEST / "initramfs.cpio.gz")),
+            files = manifest.get("files", {})
+            run = GuestRun(kernel=GUEST / files.get("bzImage", {}).get("path", "bzImage"),
+                           initrd=GUEST / files.get("initramfs", {}).get("path",
+                                                                        "initramfs.cpio"),
                            append=kernel_cmdline(a.scenario, a.n), ram_size=ram_size,
                            workdir=work)
-            if not run.kernel.is_absolute():
-                run.kernel = GUEST / run.kernel
-            if not run.initrd.is_absolute():
-                run.initrd = GUEST / run.initrd
             header_path = work / "header.json"
             header = {
                 "source": "recorded", "mode": a.mode, "epoch_length": a.epoch,
                 "ram_size": ram_size, "clock_unit": "instructions",
                 "command": " ".join(["trace-record", *sys.argv[1:]]),
                 "scenario": {"name": a.scenario, "n": a.n},
-                "guest_image": manifest.get("identity", manifest),
+                "guest_image": {k: v for k, v in manifest.items() if k != "notes"},
                 "tool_versions": {"qemu": qemu_version(), "memtrace": VERSION},
                 "kernel_cmdline": run.append,
             }
@@ -181,7 +179,8 @@ class Recorder:
             err = q.stderr_text().strip().splitlines()
             raise SetupError("QEMU refused to start: " + (err[-1] if err else
                                                            f"exit code {q.proc.returncode}"))
-        bar = tqdm(total=None, unit="", desc=f"{a.scenario}", disable=a.quiet,
+        bar = tqdm(total=None, unit="", desc=f"{a.scenario}",
+                   disable=a.quiet or not sys.stderr.isatty(),
                    file=sys.stderr, bar_format="{desc}: {elapsed} {postfix}")
         offset = 0
         t_guest, chunks = 0, 0
