@@ -70,6 +70,11 @@ class GuestRun:
         return Path("/dev/shm") / f"memtrace-{os.getpid()}-{self.tag}.ram"
 
     @property
+    def stop_image_path(self) -> Path:
+        """Guest RAM as it was when tracing stopped (written by the plugin for --verify)."""
+        return Path("/dev/shm") / f"memtrace-{os.getpid()}-{self.tag}.stop.ram"
+
+    @property
     def qmp_path(self) -> Path:
         return self.workdir / f"qmp-{self.tag}.sock"
 
@@ -97,7 +102,7 @@ class GuestRun:
         return cmd
 
     def cleanup(self) -> None:
-        for p in (self.ram_path, self.qmp_path):
+        for p in (self.ram_path, self.stop_image_path, self.qmp_path):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 

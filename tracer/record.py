@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop QEMU after this many seconds (default 1800); the trace is kept "
                          "and marked incomplete")
     ap.add_argument("--verify", action="store_true",
-                    help="after the run, compare every frame of guest RAM with the trace")
+                    help="after the run, compare every frame of guest RAM, as it was when "
+                         "tracing stopped, with the trace's final state")
     ap.add_argument("--no-plugin", action="store_true",
                     help="run the scenario under plain TCG without tracing (for benchmarks)")
     ap.add_argument("--serial-log", help="keep the guest's serial console here")
@@ -158,6 +159,8 @@ class Recorder:
                     "mailbox": hex(MAILBOX_PHYS), "mailbox_size": str(MAILBOX_SIZE),
                     "track": a.track, "header": str(header_path), "start": a.start,
                 }
+                if a.verify:
+                    run.plugin_args["stop_image"] = str(run.stop_image_path)
             try:
                 return await self._boot(run, out, work)
             finally:
@@ -230,7 +233,9 @@ class Recorder:
         if a.verify and not a.no_plugin:
             from tracer.verify import verify
 
-            res = verify(out, run.ram_path, (MAILBOX_PHYS, MAILBOX_SIZE), progress=not a.quiet)
+            image = run.stop_image_path if run.stop_image_path.exists() else run.ram_path
+            res = verify(out, image, (MAILBOX_PHYS, MAILBOX_SIZE),
+                         progress=not a.quiet and sys.stderr.isatty())
             print(res.summary(), file=sys.stderr)
             if not res.ok:
                 return 3

@@ -1,0 +1,1654 @@
+/*
+ * memtrace: a QEMU TCG plugin that records how guest physical memory changes over time, for
+ * memory-deduplication research. Output: one trace file in the format of traces/FORMAT.md.
+ *
+ * Usage (x86-64 system emulation, one vCPU, RAM backed by a shared file):
+ *   qemu-system-x86_64 -accel tcg -smp 1 -m 512M \
+ *     -object memory-backend-file,id=ram,size=512M,mem-path=/dev/shm/NAME,share=on \
+ *     -machine memory-backend=ram \
+ *     -plugin build/tracer/libmemtrace.so,out=trace.mtr,ram=/dev/shm/NAME,ram_size=512M ...
+ * Arguments: see usage_text below (also printed when an argument is rejected).
+ *
+ * How it works
+ * - Time is retired guest instructions: every translation block adds its instruction count to a
+ *   counter (an inline add, no call). Instructions of a block are counted when the block starts,
+ *   so a block left early by an exception counts a few instructions too many.
+ *   A cheap per-block check (API 1: a call that compares two integers; API 3+: a conditional
+ *   call that QEMU only makes when a per-vCPU counter passes a threshold) finds epoch ends.
+ * - pages mode: at each epoch end the frames written during the epoch are found (see
+ *   wp_track.h: userfaultfd WP-async + PAGEMAP_SCAN over QEMU's own mapping of the RAM file; or,
+ *   on old host kernels, a per-store callback that marks frames in a bitmap), hashed with
+ *   xxh3_128 from the plugin's read-only mapping of the RAM file, and a PAGE record is written
+ *   for each frame whose hash changed.
+ * - writes mode: additionally a per-store callback writes a WRITE record per store with the
+ *   value read back from the RAM file (QEMU performs the store before calling the callback).
+ * - The guest agent's mailbox (mailbox.h) is drained at every epoch end, and in between as soon
+ *   as it is half full or the vCPU goes idle; its events become TASK/VMA/PAGECACHE/MARK/COUNTER/
+ *   LOST records. Records from a drain between epoch ends get a TIME record of their own (the
+ *   instruction count at the drain) with the current epoch number.
+ * - MAP records: for every live address space (the mm and pgd of TASK events) the user half of
+ *   its page tables is walked in the RAM file (pt_walk.h) when one of its page-table frames was
+ *   written in the epoch, and the differences to the previous walk are written.
+ * - Traced region: with start=marker nothing is written until the agent's MARK START (before it
+ *   the mailbox is still drained and the latest state dump kept); start=now starts at the first
+ *   instruction. Every start writes a complete state, see emit_state().
+ *
+ * State brackets (MARK STATE_BEGIN(reset) ... STATE_END)
+ *   The tracer writes a bracket at every start of the traced region and whenever the agent
+ *   finishes a state dump while tracing. Each holds, in this order: the agent's latest dump
+ *   (TASK EXISTING, VMA EXISTING, PAGECACHE ADD... as the agent sent them, if there is one), a
+ *   PAGE record for every frame of guest RAM except the mailbox, and the MAP records of every
+ *   address space known from the dump. The bracket always has the reset bit, so a reader may
+ *   drop all earlier state. The agent's own STATE_BEGIN/STATE_END events are not copied: their
+ *   name and arg are carried by the tracer's (arg | 1). Agent events that arrive after the dump
+ *   but before START are written right after STATE_END, then MARK START.
+ *
+ * Threads: QEMU runs callbacks on the vCPU thread; qemu_plugin_install and the atexit callback
+ * run on the main thread while no vCPU runs (at exit QEMU has stopped the vCPUs first). The
+ * plugin requires one vCPU (-smp 1; install rejects more), so all the state in `S` below is
+ * only ever touched by one thread at a time and needs no locks. The trace writer's own thread
+ * shares nothing with this file except through trace_writer.c's locked queue.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <glib.h>
+#include <qemu-plugin.h>
+#include <xxhash.h>
+
+#include "json_min.h"
+#include "mailbox.h"
+#include "pt_walk.h"
+#include "trace_writer.h"
+#include "wp_track.h"
+
+QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
+
+#define PLUGIN_VERSION "0.1.0"
+#define PAGE_SHIFT 12
+#define PAGE_SIZE 4096u
+#define MAX_RAM (2ull << 30)          /* pc machine: below the PCI hole, phys addr == offset */
+#define DEFAULT_MAILBOX 0x1f000000ull /* PROTOCOL.md defaults */
+#define DEFAULT_MAILBOX_SIZE (1ull << 20)
+#define MAX_CHECK_INTERVAL 1000000ull /* look at the mailbox at least this often */
+#define PENDING_CAP (64u << 20)       /* bytes of agent events kept while not tracing */
+#define MAX_MAPS_PER_MM (1u << 24)
+
+/* API 3 and later (QEMU 9.0+) replaced the global inline counters by per-vCPU scoreboards. */
+#ifdef qemu_plugin_scoreboard_u64
+#define HAVE_SCOREBOARD 1
+#else
+#define HAVE_SCOREBOARD 0
+#endif
+
+static const char usage_text[] =
+    "memtrace plugin arguments (key=value, comma separated after the .so path):\n"
+    "  out=PATH            trace file to write (required)\n"
+    "  ram=PATH            the guest RAM file (mem-path of memory-backend-file, share=on; required)\n"
+    "  ram_size=BYTES      guest RAM size, e.g. 512M (required, at most 2G, the RAM file's size)\n"
+    "  mode=pages|writes   PAGE records per epoch (default), or also a WRITE record per store\n"
+    "  epoch=N             epoch length in guest instructions (default 10000000)\n"
+    "  mailbox=PHYS|none   guest physical address of the agent mailbox (default 0x1f000000)\n"
+    "  mailbox_size=BYTES  mailbox size (default 1M)\n"
+    "  track=auto|pagemap|callbacks  how written frames are found (default auto: pagemap if\n"
+    "                      the host kernel supports it, else store callbacks)\n"
+    "  header=PATH         JSON object merged into the trace header (command, guest_image, ...)\n"
+    "  start=marker|now    start at the agent's MARK START (default) or at once\n"
+    "  stats=PATH          write run statistics as JSON at exit\n"
+    "  chunk=BYTES zstd=LEVEL queue=N   writer tuning (defaults 4M; zstd 3 in pages mode, 1 in\n"
+    "                      writes mode, where level 3 cannot keep up with one core; queue 16)\n";
+
+enum track_kind { TRACK_AUTO, TRACK_PAGEMAP, TRACK_CALLBACKS };
+
+struct config {
+    char *out, *ram, *header_path, *stats_path;
+    char *stop_image; /* copy of guest RAM written when tracing stops (for --verify) */
+    uint64_t ram_size;
+    bool writes_mode;
+    uint64_t epoch;
+    bool mailbox_on;
+    uint64_t mailbox_phys, mailbox_size;
+    enum track_kind track;
+    bool start_now;
+    uint64_t chunk_bytes;
+    int zstd_level;
+    unsigned queue_depth;
+};
+
+/* A task known from agent events. */
+struct task_info {
+    uint64_t mm, pgd;
+    uint32_t tgid, ppid;
+};
+
+/* An address space: the tasks using it and its last page-table walk. */
+struct mm_info {
+    uint64_t mm, pgd;
+    unsigned refs;
+    bool need_walk;
+    struct pt_walk walk;
+};
+
+/* Agent events kept while not tracing or inside a dump: packed struct mb_event + name. */
+struct evbuf {
+    GByteArray *bytes;
+    uint64_t count;
+};
+
+/* Synthetic event type for lost counts kept in an evbuf. */
+#define EV_LOST 0xff01
+
+/*
+ * All plugin state. Owned by whichever single thread runs plugin code (see the file comment).
+ */
+static struct {
+    struct config cfg;
+    qemu_plugin_id_t id;
+    bool use_pagemap;     /* written frames from PAGEMAP_SCAN, else from store callbacks */
+    bool store_cbs;       /* instrument stores */
+    struct tw_writer *tw;
+
+    /* guest RAM */
+    bool setup_done;
+    int ram_fd;
+    const uint8_t *ram;   /* read-only mapping of the whole RAM file */
+    uint8_t *mbox;        /* read-write mapping of the mailbox */
+    uint64_t frames;
+    uint64_t mb_first, mb_end; /* mailbox frames [first, end), excluded from PAGE records */
+    struct wp_tracker wp;
+    uint64_t *hashes;     /* last hash written per frame: lo, hi */
+    uint8_t *written;     /* bitmap of frames written in the epoch */
+    GArray *written_list; /* the same frames as a list (uint64) */
+
+    /* time */
+    uint64_t icount;      /* API 1: inline-incremented instruction counter */
+    uint64_t next_epoch, next_check, check_interval;
+    uint64_t now, epoch_no;
+    bool time_written;    /* TIME(now) already written */
+#if HAVE_SCOREBOARD
+    struct qemu_plugin_scoreboard *sb;
+    qemu_plugin_u64 sb_total, sb_since;
+#endif
+
+    /* traced region */
+    bool active, started_once;
+    bool stop_image_saved;
+    uint64_t start_icount;  /* guest instructions and host time at START, for clock_hz */
+    int64_t start_host_us;
+
+    /* agent */
+    struct mb_reader mb;
+    bool in_dump, have_dump;
+    struct mb_event dump_begin, dump_end;
+    struct evbuf dump, pending;
+    uint64_t pending_overflow; /* events discarded from `pending` (PENDING_CAP) */
+    GHashTable *tasks;    /* pid -> struct task_info */
+    GHashTable *mms;      /* mm -> struct mm_info */
+    const char *last_mb_error;
+
+    /* statistics */
+    uint64_t n_epochs, n_page_records, n_pages_hashed, n_map_records, n_walks, n_events;
+    uint64_t n_write_records, n_drains, n_early_drains, n_idle_drains, n_states;
+    uint64_t lost_ring_full, lost_seq_gap;
+    uint64_t scan_ns, hash_ns, walk_ns;
+    uint64_t zero_lo, zero_hi;
+} S;
+
+/* ---- small helpers ------------------------------------------------------------------------- */
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void log_msg(const char *msg)
+{
+    fprintf(stderr, "%s\n", msg);
+}
+
+static void G_GNUC_PRINTF(1, 2) warn(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *s = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "memtrace: %s\n", s);
+    g_free(s);
+}
+
+/*
+ * Stops QEMU after an error the plugin cannot continue from: the trace gets MARK INCOMPLETE
+ * with the reason and is closed (index and trailer), so the records so far stay usable; the
+ * atexit callback then finds S.tw == NULL and does nothing.
+ */
+static void G_GNUC_NORETURN G_GNUC_PRINTF(1, 2) fatal(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *s = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "memtrace: fatal: %s\n", s);
+    if (S.tw) {
+        struct tw_writer *w = S.tw;
+        char *err = NULL;
+        S.tw = NULL;
+        tw_mark(w, TW_MARK_INCOMPLETE, s, 0);
+        if (tw_close(w, &err) < 0) {
+            g_free(err);
+        }
+    }
+    g_free(s);
+    exit(1);
+}
+
+static inline bool in_mailbox(uint64_t frame)
+{
+    return frame - S.mb_first < S.mb_end - S.mb_first;
+}
+
+static inline void hash_frame(uint64_t frame, uint64_t *lo, uint64_t *hi)
+{
+    XXH128_hash_t h = XXH3_128bits(S.ram + (frame << PAGE_SHIFT), PAGE_SIZE);
+    *lo = h.low64;
+    *hi = h.high64;
+}
+
+static inline void mark_written(uint64_t frame)
+{
+    uint8_t bit = (uint8_t)(1u << (frame & 7));
+    if (!(S.written[frame >> 3] & bit)) {
+        S.written[frame >> 3] |= bit;
+        g_array_append_val(S.written_list, frame);
+    }
+}
+
+/* Writes TIME(now) once before the first record written at the current time. */
+static void ensure_time(void)
+{
+    if (!S.time_written) {
+        tw_time(S.tw, S.now, S.epoch_no);
+        S.time_written = true;
+    }
+}
+
+/* ---- event buffers ------------------------------------------------------------------------- */
+
+#define EV_FIXED offsetof(struct mb_event, name)
+
+static void evbuf_init(struct evbuf *e)
+{
+    e->bytes = g_byte_array_new();
+    e->count = 0;
+}
+
+static void evbuf_clear(struct evbuf *e)
+{
+    g_byte_array_set_size(e->bytes, 0);
+    e->count = 0;
+}
+
+static void evbuf_push(struct evbuf *e, const struct mb_event *ev)
+{
+    uint16_t n = (uint16_t)strnlen(ev->name, MB_MAX_STRING - 1);
+    g_byte_array_append(e->bytes, (const guint8 *)ev, EV_FIXED);
+    g_byte_array_append(e->bytes, (const guint8 *)&n, sizeof(n));
+    g_byte_array_append(e->bytes, (const guint8 *)ev->name, n);
+    e->count++;
+}
+
+typedef void (*ev_fn)(const struct mb_event *ev);
+
+static void evbuf_foreach(const struct evbuf *e, ev_fn fn)
+{
+    struct mb_event ev;
+    size_t pos = 0;
+    while (pos < e->bytes->len) {
+        uint16_t n;
+        memcpy(&ev, e->bytes->data + pos, EV_FIXED);
+        memcpy(&n, e->bytes->data + pos + EV_FIXED, sizeof(n));
+        memcpy(ev.name, e->bytes->data + pos + EV_FIXED + sizeof(n), n);
+        ev.name[n] = 0;
+        pos += EV_FIXED + sizeof(n) + n;
+        fn(&ev);
+    }
+}
+
+/* ---- address spaces and MAP records -------------------------------------------------------- */
+
+static void emit_map_cb(void *ctx, uint64_t vpn, uint64_t frame, uint64_t flags)
+{
+    struct mm_info *m = ctx;
+    tw_map(S.tw, m->mm, vpn, frame, flags);
+    S.n_map_records++;
+}
+
+static void mm_free(gpointer p)
+{
+    struct mm_info *m = p;
+    pt_walk_free(&m->walk);
+    g_free(m);
+}
+
+static void mm_ref(uint64_t mm, uint64_t pgd)
+{
+    if (!mm) {
+        return;
+    }
+    struct mm_info *m = g_hash_table_lookup(S.mms, &mm);
+    if (!m) {
+        m = g_new0(struct mm_info, 1);
+        m->mm = mm;
+        pt_walk_init(&m->walk);
+        g_hash_table_insert(S.mms, &m->mm, m);
+        m->pgd = pgd;
+        m->need_walk = true;
+    } else if (pgd && pgd != m->pgd) {
+        /* a new address space at the address of a freed mm_struct whose exit we missed */
+        m->pgd = pgd;
+        m->need_walk = true;
+    }
+    m->refs++;
+}
+
+static void mm_unref(uint64_t mm)
+{
+    if (!mm) {
+        return;
+    }
+    struct mm_info *m = g_hash_table_lookup(S.mms, &mm);
+    if (!m) {
+        return;
+    }
+    if (--m->refs == 0) {
+        /* the address space is gone: say so for every page it mapped */
+        pt_diff(&m->walk, NULL, emit_map_cb, m);
+        g_hash_table_remove(S.mms, &mm);
+    }
+}
+
+/* Records that task pid now uses address space mm (0: none). */
+static void task_set(uint32_t pid, uint32_t tgid, uint32_t ppid, uint64_t mm, uint64_t pgd)
+{
+    struct task_info *t = g_hash_table_lookup(S.tasks, GUINT_TO_POINTER(pid));
+    if (!t) {
+        t = g_new0(struct task_info, 1);
+        g_hash_table_insert(S.tasks, GUINT_TO_POINTER(pid), t);
+        mm_ref(mm, pgd);
+    } else if (t->mm != mm) {
+        mm_unref(t->mm);
+        mm_ref(mm, pgd);
+    } else if (mm && pgd && pgd != t->pgd) {
+        /* same mm value, other page tables: a reused mm_struct address (missed exit) */
+        struct mm_info *m = g_hash_table_lookup(S.mms, &mm);
+        if (m) {
+            m->pgd = pgd;
+            m->need_walk = true;
+        }
+    }
+    t->mm = mm;
+    t->pgd = pgd;
+    t->tgid = tgid;
+    if (ppid) {
+        t->ppid = ppid;
+    }
+}
+
+static void task_exit(uint32_t pid)
+{
+    struct task_info *t = g_hash_table_lookup(S.tasks, GUINT_TO_POINTER(pid));
+    if (t) {
+        mm_unref(t->mm);
+        g_hash_table_remove(S.tasks, GUINT_TO_POINTER(pid));
+    }
+}
+
+/* Forgets every task and address space without writing anything (a reset bracket follows). */
+static void spaces_reset(void)
+{
+    g_hash_table_remove_all(S.tasks);
+    g_hash_table_remove_all(S.mms);
+}
+
+/*
+ * Re-walks the address spaces that are new, were asked for, or had a page-table frame written
+ * in the epoch (all of them with `all`) and writes the differences as MAP records.
+ */
+static void walk_spaces(bool all)
+{
+    uint64_t t0 = now_ns();
+    GHashTableIter it;
+    gpointer key, value;
+    struct pt_walk fresh;
+    pt_walk_init(&fresh);
+    g_hash_table_iter_init(&it, S.mms);
+    while (g_hash_table_iter_next(&it, &key, &value)) {
+        struct mm_info *m = value;
+        bool need = all || m->need_walk || !S.use_pagemap;
+        for (size_t i = 0; !need && i < m->walk.ntables; i++) {
+            uint64_t f = m->walk.tables[i];
+            need = f < S.frames && (S.written[f >> 3] & (1u << (f & 7)));
+        }
+        if (!need) {
+            continue;
+        }
+        if (pt_walk_user(S.ram, S.cfg.ram_size, m->pgd, MAX_MAPS_PER_MM, &fresh) < 0) {
+            warn("address space 0x%" PRIx64 ": page-table root 0x%" PRIx64
+                 " is outside guest RAM", m->mm, m->pgd);
+        }
+        if (fresh.truncated) {
+            warn("address space 0x%" PRIx64 ": more than %u mappings, rest ignored", m->mm,
+                 MAX_MAPS_PER_MM);
+        }
+        pt_diff(&m->walk, &fresh, emit_map_cb, m);
+        struct pt_walk tmp = m->walk;
+        m->walk = fresh;
+        fresh = tmp;
+        m->need_walk = false;
+        S.n_walks++;
+    }
+    pt_walk_free(&fresh);
+    S.walk_ns += now_ns() - t0;
+}
+
+/* ---- written frames and PAGE records ------------------------------------------------------- */
+
+static void written_range_cb(void *ctx, uint64_t start, uint64_t end)
+{
+    (void)ctx;
+    for (uint64_t f = start >> PAGE_SHIFT; f < (end + PAGE_SIZE - 1) >> PAGE_SHIFT; f++) {
+        if (f < S.frames) {
+            mark_written(f);
+        }
+    }
+}
+
+/* Adds the frames written since the last call to S.written / S.written_list. */
+static void collect_written(void)
+{
+    if (S.use_pagemap) {
+        uint64_t t0 = now_ns();
+        char err[256];
+        if (wp_collect(&S.wp, written_range_cb, NULL, err, sizeof(err)) < 0) {
+            fatal("%s", err);
+        }
+        S.scan_ns += now_ns() - t0;
+    } else {
+        /* Store callbacks miss the accessed/dirty bits that QEMU's page walker sets in page
+         * tables: look at every known page-table frame too. Kernel page tables and DMA remain
+         * invisible in this mode. */
+        GHashTableIter it;
+        gpointer key, value;
+        g_hash_table_iter_init(&it, S.mms);
+        while (g_hash_table_iter_next(&it, &key, &value)) {
+            struct mm_info *m = value;
+            for (size_t i = 0; i < m->walk.ntables; i++) {
+                if (m->walk.tables[i] < S.frames) {
+                    mark_written(m->walk.tables[i]);
+                }
+            }
+        }
+    }
+}
+
+/* PAGE records for the collected frames whose content changed. */
+static void emit_changed_pages(void)
+{
+    uint64_t t0 = now_ns();
+    GArray *l = S.written_list;
+    for (guint i = 0; i < l->len; i++) {
+        uint64_t f = g_array_index(l, uint64_t, i);
+        if (in_mailbox(f)) {
+            continue;
+        }
+        uint64_t lo, hi;
+        hash_frame(f, &lo, &hi);
+        S.n_pages_hashed++;
+        if (lo != S.hashes[2 * f] || hi != S.hashes[2 * f + 1]) {
+            S.hashes[2 * f] = lo;
+            S.hashes[2 * f + 1] = hi;
+            tw_page(S.tw, f, lo, hi);
+            S.n_page_records++;
+        }
+    }
+    S.hash_ns += now_ns() - t0;
+}
+
+static void clear_written(void)
+{
+    GArray *l = S.written_list;
+    for (guint i = 0; i < l->len; i++) {
+        uint64_t f = g_array_index(l, uint64_t, i);
+        S.written[f >> 3] = 0;
+    }
+    g_array_set_size(l, 0);
+}
+
+/* PAGE records of this epoch, then MAP records of the address spaces whose tables changed. */
+static void flush_epoch_changes(void)
+{
+    ensure_time();
+    emit_changed_pages();
+    walk_spaces(false);
+    clear_written();
+}
+
+/* A PAGE record for every frame (holes in the RAM file are zero pages, not read). */
+static void emit_all_pages(void)
+{
+    uint64_t t0 = now_ns();
+    off_t off = 0, size = (off_t)S.cfg.ram_size;
+    while (off < size) {
+        off_t data = lseek(S.ram_fd, off, SEEK_DATA);
+        off_t hole;
+        if (data < 0 && errno != ENXIO) {
+            data = off;  /* no SEEK_DATA on this file system: read everything */
+            hole = size;
+        } else {
+            if (data < 0 || data > size) {
+                data = size; /* ENXIO: no data after off */
+            }
+            hole = data < size ? lseek(S.ram_fd, data, SEEK_HOLE) : size;
+            if (hole < 0 || hole > size) {
+                hole = size;
+            }
+        }
+        /* align: a partially filled page counts as data */
+        uint64_t hole_first = (uint64_t)off >> PAGE_SHIFT;
+        uint64_t data_first = (uint64_t)data >> PAGE_SHIFT;
+        uint64_t data_end = ((uint64_t)hole + PAGE_SIZE - 1) >> PAGE_SHIFT;
+        for (uint64_t f = hole_first; f < data_first; f++) {
+            if (!in_mailbox(f)) {
+                S.hashes[2 * f] = S.zero_lo;
+                S.hashes[2 * f + 1] = S.zero_hi;
+                tw_page(S.tw, f, S.zero_lo, S.zero_hi);
+                S.n_page_records++;
+            }
+        }
+        for (uint64_t f = data_first; f < data_end && f < S.frames; f++) {
+            if (!in_mailbox(f)) {
+                uint64_t lo, hi;
+                hash_frame(f, &lo, &hi);
+                S.n_pages_hashed++;
+                S.hashes[2 * f] = lo;
+                S.hashes[2 * f + 1] = hi;
+                tw_page(S.tw, f, lo, hi);
+                S.n_page_records++;
+            }
+        }
+        off_t next = (off_t)(data_end << PAGE_SHIFT);
+        off = next > off ? next : off + PAGE_SIZE; /* always make progress */
+    }
+    S.hash_ns += now_ns() - t0;
+}
+
+/* ---- agent events -> records --------------------------------------------------------------- */
+
+/* Writes the record for one agent event (not START/STOP/STATE_*) and updates task state. */
+static void apply_event(const struct mb_event *ev)
+{
+    struct task_info *t;
+    S.n_events++;
+    switch (ev->type) {
+    case MB_TASK_NEW:
+    case MB_TASK_EXISTING:
+        tw_task(S.tw, ev->type == MB_TASK_NEW ? TW_TASK_NEW : TW_TASK_EXISTING, ev->pid,
+                ev->tgid, ev->ppid, ev->mm, ev->pgd, ev->name, (uint32_t)ev->clone_flags);
+        task_set(ev->pid, ev->tgid, ev->ppid, ev->mm, ev->pgd);
+        break;
+    case MB_TASK_EXEC:
+        t = g_hash_table_lookup(S.tasks, GUINT_TO_POINTER(ev->pid));
+        tw_task(S.tw, TW_TASK_EXEC, ev->pid, ev->tgid, t ? t->ppid : 0, ev->mm, ev->pgd,
+                ev->name, 0);
+        task_set(ev->pid, ev->tgid, 0, ev->mm, ev->pgd);
+        break;
+    case MB_TASK_EXIT:
+        t = g_hash_table_lookup(S.tasks, GUINT_TO_POINTER(ev->pid));
+        tw_task(S.tw, TW_TASK_EXIT, ev->pid, ev->tgid, t ? t->ppid : 0, t ? t->mm : 0,
+                t ? t->pgd : 0, NULL, 0);
+        task_exit(ev->pid);
+        break;
+    case MB_TASK_COMM:
+        t = g_hash_table_lookup(S.tasks, GUINT_TO_POINTER(ev->pid));
+        tw_task(S.tw, TW_TASK_COMM, ev->pid, ev->tgid, t ? t->ppid : 0, t ? t->mm : 0,
+                t ? t->pgd : 0, ev->name, 0);
+        break;
+    case MB_VMA:
+        tw_vma(S.tw, ev->op, ev->pid, ev->mm, ev->start, ev->end, ev->vm_flags, ev->pgoff,
+               ev->ino, ev->dev, ev->name);
+        break;
+    case MB_PAGECACHE:
+        tw_pagecache(S.tw, ev->op, ev->dev, ev->ino, ev->index, ev->frame);
+        break;
+    case MB_MARK:
+        tw_mark(S.tw, ev->op, ev->name, ev->arg);
+        break;
+    case MB_COUNTER:
+        tw_counter(S.tw, ev->name, ev->value);
+        break;
+    case EV_LOST:
+        tw_lost(S.tw, ev->op, ev->value);
+        break;
+    default:
+        S.n_events--;
+        break;
+    }
+}
+
+/*
+ * A complete state: MARK STATE_BEGIN(reset), the agent's dump (if any), PAGE for every frame,
+ * MAP for every address space, MARK STATE_END. See the file comment.
+ */
+static void emit_state(const struct evbuf *dump, const struct mb_event *begin,
+                       const struct mb_event *end)
+{
+    ensure_time();
+    tw_mark(S.tw, TW_MARK_STATE_BEGIN, begin ? begin->name : NULL, (begin ? begin->arg : 0) | 1);
+    spaces_reset();
+    if (dump) {
+        evbuf_foreach(dump, apply_event);
+    }
+    emit_all_pages();
+    walk_spaces(true);
+    tw_mark(S.tw, TW_MARK_STATE_END, end ? end->name : NULL, end ? end->arg : 0);
+    S.n_states++;
+}
+
+static void rearm_tracking(void)
+{
+    if (S.use_pagemap) {
+        char err[256];
+        if (wp_rearm(&S.wp, err, sizeof(err)) < 0) {
+            fatal("%s", err);
+        }
+    }
+    clear_written();
+}
+
+/* Starts the traced region (at the agent's MARK START, or at once with start=now). */
+/*
+ * Ends of the traced region: the guest's RAM at that instant is what the trace's final state must
+ * equal, so trace-record --verify asks for a copy of it (the guest keeps running afterwards).
+ * Also records how fast the guest ran, so analyses can turn instructions into seconds.
+ */
+static void save_stop_image(void)
+{
+    if (!S.cfg.stop_image || S.stop_image_saved) {
+        return;
+    }
+    S.stop_image_saved = true;
+    int fd = open(S.cfg.stop_image, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        warn("stop_image=%s: %s", S.cfg.stop_image, strerror(errno));
+        return;
+    }
+    uint64_t done = 0;
+    while (done < S.cfg.ram_size) {
+        ssize_t n = write(fd, S.ram + done, S.cfg.ram_size - done);
+        if (n <= 0) {
+            warn("stop_image=%s: %s", S.cfg.stop_image, n < 0 ? strerror(errno) : "short write");
+            break;
+        }
+        done += (uint64_t)n;
+    }
+    close(fd);
+}
+
+static void emit_clock_rate(void)
+{
+    int64_t us = g_get_monotonic_time() - S.start_host_us;
+    if (us > 0 && S.now > S.start_icount) {
+        tw_counter(S.tw, "tracer.clock_hz",
+                   (uint64_t)((double)(S.now - S.start_icount) * 1e6 / (double)us));
+    }
+}
+
+static void activate(const char *name, uint64_t arg)
+{
+    rearm_tracking();
+    S.active = true;
+    S.started_once = true;
+    S.start_icount = S.now;
+    S.start_host_us = g_get_monotonic_time();
+    ensure_time();
+    if (S.have_dump) {
+        emit_state(&S.dump, &S.dump_begin, &S.dump_end);
+    } else {
+        emit_state(NULL, NULL, NULL);
+    }
+    evbuf_clear(&S.dump);
+    S.have_dump = false;
+    if (S.pending_overflow) {
+        tw_lost(S.tw, TW_LOST_TRACER_BUFFER, S.pending_overflow);
+        S.pending_overflow = 0;
+    }
+    evbuf_foreach(&S.pending, apply_event);
+    evbuf_clear(&S.pending);
+    walk_spaces(false);
+    tw_mark(S.tw, TW_MARK_START, name, arg);
+}
+
+/* Ends the traced region: this epoch's changes so far, then MARK STOP. */
+static void deactivate(const char *name, uint64_t arg)
+{
+    ensure_time();
+    collect_written();
+    flush_epoch_changes();
+    emit_clock_rate();
+    tw_mark(S.tw, TW_MARK_STOP, name, arg);
+    save_stop_image();
+    S.active = false;
+    evbuf_clear(&S.pending);
+    S.have_dump = false;
+}
+
+static void keep_pending(const struct mb_event *ev)
+{
+    if (ev->type == MB_MARK && (ev->op == TW_MARK_STOP || ev->op == TW_MARK_STATE_END)) {
+        return; /* meaningless outside the traced region / outside a dump */
+    }
+    if (S.pending.bytes->len > PENDING_CAP) {
+        /* only matters if no state dump follows before START (the agent always sends one) */
+        S.pending_overflow += S.pending.count;
+        evbuf_clear(&S.pending);
+    }
+    evbuf_push(&S.pending, ev);
+}
+
+static void on_agent_event(void *ctx, const struct mb_event *ev)
+{
+    (void)ctx;
+    bool mark = ev->type == MB_MARK;
+    if (mark && ev->op == TW_MARK_STATE_BEGIN) {
+        if (S.in_dump) {
+            warn("agent state dump restarted before it ended");
+        }
+        evbuf_clear(&S.dump);
+        S.in_dump = true;
+        S.have_dump = false;
+        S.dump_begin = *ev;
+        if (!S.active) {
+            evbuf_clear(&S.pending); /* the dump supersedes everything before it */
+            S.pending_overflow = 0;
+        }
+        return;
+    }
+    if (S.in_dump && !(mark && (ev->op == TW_MARK_STATE_END || ev->op == TW_MARK_START))) {
+        evbuf_push(&S.dump, ev);
+        return;
+    }
+    if (S.in_dump) {
+        if (ev->op == TW_MARK_START) {
+            warn("agent MARK START inside a state dump; using the dump as it is");
+        }
+        S.in_dump = false;
+        S.dump_end = *ev;
+        if (ev->op == TW_MARK_START) {
+            S.dump_end.op = TW_MARK_STATE_END;
+            S.dump_end.name[0] = 0;
+        }
+        if (S.active) {
+            ensure_time();
+            emit_state(&S.dump, &S.dump_begin, &S.dump_end);
+            evbuf_clear(&S.dump);
+        } else {
+            S.have_dump = true;
+        }
+        if (ev->op != TW_MARK_START) {
+            return;
+        }
+    }
+    if (!S.active) {
+        if (mark && ev->op == TW_MARK_START) {
+            activate(ev->name, ev->arg);
+        } else {
+            keep_pending(ev);
+        }
+        return;
+    }
+    ensure_time();
+    if (mark && ev->op == TW_MARK_STOP) {
+        deactivate(ev->name, ev->arg);
+        return;
+    }
+    if (mark && ev->op == TW_MARK_STATE_END) {
+        warn("agent STATE_END without STATE_BEGIN ignored");
+        return;
+    }
+    apply_event(ev);
+}
+
+static void drain_mailbox(void)
+{
+    if (!S.cfg.mailbox_on) {
+        return;
+    }
+    struct mb_lost lost = { 0, 0 };
+    uint64_t bad = S.mb.bad;
+    long n = mb_drain(&S.mb, on_agent_event, NULL, &lost);
+    if (n < 0) {
+        return;
+    }
+    S.n_drains++;
+    if (S.mb.bad != bad && S.mb.last_error != S.last_mb_error) {
+        warn("agent mailbox: %s", S.mb.last_error);
+        S.last_mb_error = S.mb.last_error;
+    }
+    S.lost_ring_full += lost.ring_full;
+    S.lost_seq_gap += lost.seq_gap;
+    /* lost counts apply where the drain ends: after the events it decoded */
+    struct mb_event ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.type = EV_LOST;
+    for (int i = 0; i < 2; i++) {
+        ev.op = i == 0 ? TW_LOST_AGENT_RING_FULL : TW_LOST_AGENT_SEQ_GAP;
+        ev.value = i == 0 ? lost.ring_full : lost.seq_gap;
+        if (!ev.value) {
+            continue;
+        }
+        if (S.active) {
+            ensure_time();
+            apply_event(&ev);
+        } else {
+            keep_pending(&ev);
+        }
+    }
+}
+
+/* ---- epochs -------------------------------------------------------------------------------- */
+
+static void epoch_end(uint64_t now)
+{
+    S.now = now;
+    S.epoch_no++;
+    S.n_epochs++;
+    S.time_written = false;
+    if (S.active) {
+        ensure_time();
+        collect_written();
+    }
+    drain_mailbox();
+    if (S.active) {
+        flush_epoch_changes();
+    }
+}
+
+/* Called on the vCPU thread at least every check_interval instructions. */
+static void on_check(uint64_t icount)
+{
+    if (!S.started_once && S.cfg.start_now) {
+        S.now = icount;
+        S.time_written = false;
+        activate("start=now", 0);
+    }
+    if (icount >= S.next_epoch) {
+        epoch_end(icount);
+        S.next_epoch = (icount / S.cfg.epoch + 1) * S.cfg.epoch;
+    } else if (S.cfg.mailbox_on) {
+        uint64_t cap = mb_capacity(&S.mb);
+        if (cap && mb_pending_slots(&S.mb) * 2 >= cap) {
+            /* drain early so the agent does not drop events; records get a TIME of their own */
+            S.now = icount;
+            S.time_written = false;
+            S.n_early_drains++;
+            drain_mailbox();
+        }
+    }
+    uint64_t next = icount + S.check_interval;
+    S.next_check = next < S.next_epoch ? next : S.next_epoch;
+}
+
+#if HAVE_SCOREBOARD
+static void vcpu_tb_check(unsigned int vcpu_index, void *udata)
+{
+    (void)udata;
+    qemu_plugin_u64_set(S.sb_since, vcpu_index, 0);
+    on_check(qemu_plugin_u64_get(S.sb_total, vcpu_index));
+}
+#else
+static void vcpu_tb_exec(unsigned int vcpu_index, void *udata)
+{
+    (void)vcpu_index;
+    (void)udata;
+    if (__builtin_expect(S.icount < S.next_check, 1)) {
+        return;
+    }
+    on_check(S.icount);
+}
+#endif
+
+static uint64_t current_icount(void)
+{
+#if HAVE_SCOREBOARD
+    return qemu_plugin_u64_sum(S.sb_total);
+#else
+    return S.icount;
+#endif
+}
+
+/*
+ * The vCPU halted (guest idle). The agent's state dump waits for ring space while the guest
+ * idles, and an idle guest runs few instructions, so drain here instead of waiting for the next
+ * instruction-count check. Runs on the vCPU thread while it executes no guest code.
+ */
+static void vcpu_idle(qemu_plugin_id_t id, unsigned int vcpu_index)
+{
+    (void)id;
+    (void)vcpu_index;
+    if (S.setup_done && S.cfg.mailbox_on && mb_pending_slots(&S.mb) > 0) {
+        S.now = current_icount();
+        S.time_written = false;
+        S.n_idle_drains++;
+        drain_mailbox();
+    }
+}
+
+/* ---- stores -------------------------------------------------------------------------------- */
+
+static inline void record_store(uint64_t pa, unsigned size)
+{
+    if (pa >= S.cfg.ram_size || in_mailbox(pa >> PAGE_SHIFT)) {
+        return;
+    }
+    if (!S.use_pagemap) {
+        mark_written(pa >> PAGE_SHIFT);
+    }
+    if (S.cfg.writes_mode) {
+        const uint8_t *src = S.ram + pa;
+        while (size) {
+            unsigned n = size > 8 ? 8 : size;
+            uint64_t v = 0;
+            memcpy(&v, src, n);
+            tw_write(S.tw, pa, n, v);
+            S.n_write_records++;
+            pa += n;
+            src += n;
+            size -= n;
+        }
+    }
+}
+
+static void vcpu_store(unsigned int vcpu_index, qemu_plugin_meminfo_t info, uint64_t vaddr,
+                       void *udata)
+{
+    (void)vcpu_index;
+    (void)udata;
+    if (!S.active) {
+        return;
+    }
+    struct qemu_plugin_hwaddr *hw = qemu_plugin_get_hwaddr(info, vaddr);
+    if (!hw || qemu_plugin_hwaddr_is_io(hw)) {
+        return;
+    }
+    uint64_t pa = qemu_plugin_hwaddr_phys_addr(hw);
+    unsigned size = 1u << qemu_plugin_mem_size_shift(info);
+    unsigned in_page = PAGE_SIZE - (unsigned)(vaddr & (PAGE_SIZE - 1));
+    if (size <= in_page) {
+        record_store(pa, size);
+        return;
+    }
+    /* a store across a page boundary: the second page has its own physical address (both
+     * pages are in the TLB after the store) */
+    record_store(pa, in_page);
+    hw = qemu_plugin_get_hwaddr(info, vaddr + in_page);
+    if (hw && !qemu_plugin_hwaddr_is_io(hw)) {
+        record_store(qemu_plugin_hwaddr_phys_addr(hw), size - in_page);
+    }
+}
+
+static void vcpu_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
+{
+    (void)id;
+    size_t n = qemu_plugin_tb_n_insns(tb);
+#if HAVE_SCOREBOARD
+    qemu_plugin_register_vcpu_tb_exec_inline_per_vcpu(tb, QEMU_PLUGIN_INLINE_ADD_U64, S.sb_total,
+                                                      n);
+    qemu_plugin_register_vcpu_tb_exec_inline_per_vcpu(tb, QEMU_PLUGIN_INLINE_ADD_U64, S.sb_since,
+                                                      n);
+    qemu_plugin_register_vcpu_tb_exec_cond_cb(tb, vcpu_tb_check, QEMU_PLUGIN_CB_NO_REGS,
+                                              QEMU_PLUGIN_COND_GE, S.sb_since, S.check_interval,
+                                              NULL);
+#else
+    qemu_plugin_register_vcpu_tb_exec_inline(tb, QEMU_PLUGIN_INLINE_ADD_U64, &S.icount, n);
+    qemu_plugin_register_vcpu_tb_exec_cb(tb, vcpu_tb_exec, QEMU_PLUGIN_CB_NO_REGS, NULL);
+#endif
+    if (S.store_cbs) {
+        for (size_t i = 0; i < n; i++) {
+            qemu_plugin_register_vcpu_mem_cb(qemu_plugin_tb_get_insn(tb, i), vcpu_store,
+                                             QEMU_PLUGIN_CB_NO_REGS, QEMU_PLUGIN_MEM_W, NULL);
+        }
+    }
+}
+
+/* ---- setup (first vCPU init: QEMU has mapped guest RAM by then) ---------------------------- */
+
+static void setup_ram(void)
+{
+    char err[512];
+    struct config *c = &S.cfg;
+    S.ram_fd = open(c->ram, O_RDWR | O_CLOEXEC);
+    if (S.ram_fd < 0) {
+        fatal("cannot open RAM file %s: %s (is ram= the mem-path of the memory backend?)",
+              c->ram, strerror(errno));
+    }
+    struct stat st;
+    if (fstat(S.ram_fd, &st) < 0 || (uint64_t)st.st_size != c->ram_size) {
+        fatal("RAM file %s is %lld bytes, ram_size=%" PRIu64 " (they must be equal)", c->ram,
+              (long long)st.st_size, c->ram_size);
+    }
+    if (S.use_pagemap) {
+        struct wp_range r[8];
+        int n = wp_find_mappings(c->ram, 0, 0, r, 8, err, sizeof(err));
+        if (n < 0) {
+            fatal("%s", err);
+        }
+        if (n == 0) {
+            fatal("QEMU has no shared writable mapping of %s: back guest RAM with "
+                  "-object memory-backend-file,mem-path=%s,share=on -machine memory-backend=...",
+                  c->ram, c->ram);
+        }
+        uint64_t covered = 0;
+        for (int i = 0; i < n; i++) {
+            covered += r[i].len;
+        }
+        if (covered < c->ram_size) {
+            fatal("QEMU maps only %" PRIu64 " of the %" PRIu64 " bytes of %s", covered,
+                  c->ram_size, c->ram);
+        }
+        if (wp_start(&S.wp, r, (unsigned)n, err, sizeof(err)) < 0) {
+            fatal("write-protect tracking of QEMU's RAM mapping: %s", err);
+        }
+    }
+    void *p = mmap(NULL, c->ram_size, PROT_READ, MAP_SHARED, S.ram_fd, 0);
+    if (p == MAP_FAILED) {
+        fatal("mmap %s: %s", c->ram, strerror(errno));
+    }
+    S.ram = p;
+    if (c->mailbox_on) {
+        p = mmap(NULL, c->mailbox_size, PROT_READ | PROT_WRITE, MAP_SHARED, S.ram_fd,
+                 (off_t)c->mailbox_phys);
+        if (p == MAP_FAILED) {
+            fatal("mmap of the mailbox in %s: %s", c->ram, strerror(errno));
+        }
+        S.mbox = p;
+        mb_init(&S.mb, S.mbox, c->mailbox_size);
+    }
+    S.setup_done = true;
+}
+
+static void vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index)
+{
+    (void)id;
+    if (vcpu_index > 0) {
+        fatal("more than one vCPU: memtrace supports -smp 1 only");
+    }
+    if (!S.setup_done) {
+        setup_ram();
+    }
+#if HAVE_SCOREBOARD
+    /* make the first block check at once (start=now starts before the first instruction) */
+    qemu_plugin_u64_set(S.sb_since, vcpu_index, S.check_interval);
+#endif
+}
+
+/* ---- exit ---------------------------------------------------------------------------------- */
+
+static void write_stats(const char *path, const struct tw_stats *ts, uint64_t icount)
+{
+    GString *s = g_string_new("{");
+    g_string_append_printf(
+        s,
+        "\"instructions\": %" PRIu64 ", \"epochs\": %" PRIu64 ", \"epoch_length\": %" PRIu64
+        ", \"tracking\": \"%s\", \"mode\": \"%s\", \"started\": %s"
+        ", \"page_records\": %" PRIu64 ", \"pages_hashed\": %" PRIu64
+        ", \"write_records\": %" PRIu64 ", \"map_records\": %" PRIu64 ", \"walks\": %" PRIu64
+        ", \"agent_events\": %" PRIu64 ", \"state_brackets\": %" PRIu64
+        ", \"mailbox_drains\": %" PRIu64 ", \"early_drains\": %" PRIu64
+        ", \"idle_drains\": %" PRIu64
+        ", \"lost_ring_full\": %" PRIu64 ", \"lost_seq_gap\": %" PRIu64
+        ", \"mailbox_errors\": %" PRIu64 ", \"scan_seconds\": %.6f, \"hash_seconds\": %.6f"
+        ", \"walk_seconds\": %.6f, \"chunks\": %" PRIu64 ", \"records\": %" PRIu64
+        ", \"raw_bytes\": %" PRIu64 ", \"file_bytes\": %" PRIu64 ", \"writer_stalls\": %" PRIu64
+        ", \"writer_stall_seconds\": %.6f, \"chunks_dropped\": %" PRIu64 "}\n",
+        icount, S.n_epochs, S.cfg.epoch, S.use_pagemap ? "pagemap-scan" : "store-callbacks",
+        S.cfg.writes_mode ? "writes" : "pages", S.started_once ? "true" : "false",
+        S.n_page_records, S.n_pages_hashed, S.n_write_records, S.n_map_records, S.n_walks,
+        S.n_events, S.n_states, S.n_drains, S.n_early_drains, S.n_idle_drains, S.lost_ring_full,
+        S.lost_seq_gap,
+        S.mb.bad, S.scan_ns / 1e9, S.hash_ns / 1e9, S.walk_ns / 1e9, ts->chunks, ts->records,
+        ts->raw_bytes, ts->file_bytes, ts->stalls, ts->stall_ns / 1e9, ts->chunks_dropped);
+    GError *gerr = NULL;
+    if (!g_file_set_contents(path, s->str, (gssize)s->len, &gerr)) {
+        warn("cannot write stats file: %s", gerr->message);
+        g_error_free(gerr);
+    }
+    g_string_free(s, TRUE);
+}
+
+static void plugin_exit(qemu_plugin_id_t id, void *udata)
+{
+    (void)id;
+    (void)udata;
+    if (!S.tw) {
+        return; /* fatal() already closed the trace */
+    }
+    uint64_t icount = current_icount();
+    /* QEMU gave up before the guest ran (e.g. a missing -initrd file): stay quiet so that
+     * QEMU's own error remains the last line on stderr */
+    bool quiet = icount == 0;
+    if (S.setup_done) {
+        epoch_end(icount);
+        if (S.active) {
+            emit_clock_rate();
+            save_stop_image();
+        }
+    }
+    if (S.in_dump) {
+        warn("the agent's last state dump never ended; it was not written");
+    }
+    if (!S.started_once && !quiet) {
+        warn("no MARK START from the guest agent: the trace holds no records "
+             "(use start=now to trace from the first instruction)");
+    }
+    tw_flush(S.tw);
+    struct tw_stats ts = tw_get_stats(S.tw);
+    char *err = NULL;
+    if (tw_close(S.tw, &err) < 0) {
+        warn("trace %s is incomplete: %s", S.cfg.out, err);
+        g_free(err);
+    }
+    S.tw = NULL;
+    /* file_bytes after close includes the index and trailer */
+    struct stat st;
+    if (stat(S.cfg.out, &st) == 0) {
+        ts.file_bytes = (uint64_t)st.st_size;
+    }
+    if (!quiet) {
+        warn("%" PRIu64 " instructions, %" PRIu64 " epochs, %" PRIu64 " PAGE, %" PRIu64
+             " WRITE, %" PRIu64 " MAP records, %" PRIu64 " agent events; trace %s: %" PRIu64
+             " bytes (%" PRIu64 " raw), writer waited %" PRIu64 " times",
+             icount, S.n_epochs, S.n_page_records, S.n_write_records, S.n_map_records,
+             S.n_events, S.cfg.out, ts.file_bytes, ts.raw_bytes, ts.stalls);
+    }
+    if (S.cfg.stats_path) {
+        write_stats(S.cfg.stats_path, &ts, icount);
+    }
+    if (S.use_pagemap && S.setup_done) {
+        wp_stop(&S.wp);
+    }
+}
+
+/* ---- arguments and header ------------------------------------------------------------------ */
+
+static bool parse_size(const char *s, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    if (!*s || *s == '-') {
+        return false;
+    }
+    uint64_t v = g_ascii_strtoull(s, &end, 0);
+    if (errno) {
+        return false;
+    }
+    uint64_t mul = 1;
+    switch (*end) {
+    case 0:
+        break;
+    case 'k': case 'K': mul = 1ull << 10; end++; break;
+    case 'm': case 'M': mul = 1ull << 20; end++; break;
+    case 'g': case 'G': mul = 1ull << 30; end++; break;
+    default:
+        return false;
+    }
+    if (*end || (v && mul > UINT64_MAX / v)) {
+        return false;
+    }
+    *out = v * mul;
+    return true;
+}
+
+/* An ordered JSON object under construction: keys and raw value texts. */
+struct jobj {
+    GPtrArray *keys, *values;
+};
+
+static void jobj_init(struct jobj *o)
+{
+    o->keys = g_ptr_array_new_with_free_func(g_free);
+    o->values = g_ptr_array_new_with_free_func(g_free);
+}
+
+static void jobj_free(struct jobj *o)
+{
+    g_ptr_array_free(o->keys, TRUE);
+    g_ptr_array_free(o->values, TRUE);
+}
+
+static int jobj_find(const struct jobj *o, const char *key)
+{
+    for (guint i = 0; i < o->keys->len; i++) {
+        if (!strcmp(g_ptr_array_index(o->keys, i), key)) {
+            return (int)i;
+        }
+    }
+    return -1;
+}
+
+/* Sets key (raw, as between JSON quotes) to a raw JSON value, keeping the key's position. */
+static void jobj_set_raw(struct jobj *o, const char *key, const char *raw)
+{
+    int i = jobj_find(o, key);
+    if (i >= 0) {
+        g_free(o->values->pdata[i]);
+        o->values->pdata[i] = g_strdup(raw);
+    } else {
+        g_ptr_array_add(o->keys, g_strdup(key));
+        g_ptr_array_add(o->values, g_strdup(raw));
+    }
+}
+
+static void jobj_set_str(struct jobj *o, const char *key, const char *s)
+{
+    GString *g = g_string_new(NULL);
+    json_append_string(g, s);
+    jobj_set_raw(o, key, g->str);
+    g_string_free(g, TRUE);
+}
+
+static void jobj_set_u64(struct jobj *o, const char *key, uint64_t v)
+{
+    char buf[32];
+    snprintf(buf, sizeof(buf), "%" PRIu64, v);
+    jobj_set_raw(o, key, buf);
+}
+
+static char *jobj_text(const struct jobj *o)
+{
+    GString *g = g_string_new("{");
+    for (guint i = 0; i < o->keys->len; i++) {
+        g_string_append_printf(g, "%s\"%s\": %s", i ? ", " : "",
+                               (char *)g_ptr_array_index(o->keys, i),
+                               (char *)g_ptr_array_index(o->values, i));
+    }
+    g_string_append_c(g, '}');
+    return g_string_free(g, FALSE);
+}
+
+static void jobj_member_cb(void *ctx, const char *key, size_t klen, const char *value,
+                           size_t vlen)
+{
+    struct jobj *o = ctx;
+    char *k = g_strndup(key, klen);
+    char *v = g_strndup(value, vlen);
+    jobj_set_raw(o, k, v);
+    g_free(k);
+    g_free(v);
+}
+
+/* Keys the plugin alone may set: they describe what this file contains. */
+static const char *const protected_keys[] = {
+    "format_version", "page_size", "ram_size", "clock_unit", "source", "mode", "tracking",
+    "epoch_length", "hash", NULL,
+};
+
+static bool merge_header_file(struct jobj *hdr, const char *path, char **err)
+{
+    gchar *text = NULL;
+    gsize len = 0;
+    GError *gerr = NULL;
+    if (!g_file_get_contents(path, &text, &len, &gerr)) {
+        *err = g_strdup_printf("header=%s: %s", path, gerr->message);
+        g_error_free(gerr);
+        return false;
+    }
+    if (!g_utf8_validate(text, (gssize)len, NULL)) {
+        *err = g_strdup_printf("header=%s: not UTF-8", path);
+        g_free(text);
+        return false;
+    }
+    struct jobj user;
+    jobj_init(&user);
+    if (json_object_members(text, text + len, jobj_member_cb, &user) < 0) {
+        *err = g_strdup_printf("header=%s: not a JSON object", path);
+        jobj_free(&user);
+        g_free(text);
+        return false;
+    }
+    for (guint i = 0; i < user.keys->len; i++) {
+        const char *k = g_ptr_array_index(user.keys, i);
+        const char *v = g_ptr_array_index(user.values, i);
+        bool prot = false;
+        for (const char *const *p = protected_keys; *p; p++) {
+            prot |= !strcmp(*p, k);
+        }
+        int mine = jobj_find(hdr, k);
+        if (prot) {
+            if (mine < 0 || strcmp(g_ptr_array_index(hdr->values, mine), v)) {
+                warn("header=%s: key \"%s\" is set by the plugin; the file's value is ignored",
+                     path, k);
+            }
+            continue;
+        }
+        if (mine >= 0 && *v == '{' && *(char *)g_ptr_array_index(hdr->values, mine) == '{') {
+            /* both objects (tool_versions): merge one level, the file's members win */
+            struct jobj inner;
+            jobj_init(&inner);
+            const char *mv = g_ptr_array_index(hdr->values, mine);
+            json_object_members(mv, mv + strlen(mv), jobj_member_cb, &inner);
+            json_object_members(v, v + strlen(v), jobj_member_cb, &inner);
+            char *t = jobj_text(&inner);
+            jobj_set_raw(hdr, k, t);
+            g_free(t);
+            jobj_free(&inner);
+        } else {
+            jobj_set_raw(hdr, k, v);
+        }
+    }
+    jobj_free(&user);
+    g_free(text);
+    return true;
+}
+
+static char *qemu_command_line(void)
+{
+    gchar *buf = NULL;
+    gsize len = 0;
+    if (!g_file_get_contents("/proc/self/cmdline", &buf, &len, NULL)) {
+        return g_strdup("");
+    }
+    GString *s = g_string_new(NULL);
+    for (gsize pos = 0; pos < len;) {
+        const char *arg = buf + pos;
+        char *q = g_shell_quote(arg);
+        if (s->len) {
+            g_string_append_c(s, ' ');
+        }
+        /* g_shell_quote quotes everything; keep plain words readable */
+        if (arg[strspn(arg, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                            "-_./=,:+@%")] == 0 && *arg) {
+            g_string_append(s, arg);
+        } else {
+            g_string_append(s, q);
+        }
+        g_free(q);
+        pos += strlen(arg) + 1;
+    }
+    g_free(buf);
+    return g_string_free(s, FALSE);
+}
+
+static char *build_header(const qemu_info_t *info, char **err)
+{
+    struct config *c = &S.cfg;
+    struct jobj h;
+    jobj_init(&h);
+    jobj_set_u64(&h, "format_version", TW_FORMAT_VERSION);
+    jobj_set_u64(&h, "page_size", PAGE_SIZE);
+    jobj_set_u64(&h, "ram_size", c->ram_size);
+    jobj_set_str(&h, "clock_unit", "instructions");
+    jobj_set_str(&h, "source", "recorded");
+    jobj_set_str(&h, "mode", c->writes_mode ? "writes" : "pages");
+    jobj_set_str(&h, "tracking", S.use_pagemap ? "pagemap-scan" : "store-callbacks");
+    jobj_set_u64(&h, "epoch_length", c->epoch);
+    jobj_set_str(&h, "hash", "xxh3_128");
+    char *cmd = qemu_command_line();
+    jobj_set_str(&h, "command", cmd);
+    g_free(cmd);
+    char *tv = g_strdup_printf(
+        "{\"memtrace_plugin\": \"%s\", \"qemu_plugin_api\": \"%d\", "
+        "\"qemu_plugin_api_running\": \"%d\", \"xxhash\": \"%u.%u.%u\"}",
+        PLUGIN_VERSION, QEMU_PLUGIN_VERSION, info->version.cur, XXH_VERSION_MAJOR,
+        XXH_VERSION_MINOR, XXH_VERSION_RELEASE);
+    jobj_set_raw(&h, "tool_versions", tv);
+    g_free(tv);
+    GString *rec = g_string_new(NULL);
+    g_string_append_printf(rec, "{\"start\": \"%s\", \"mailbox_phys\": ",
+                           c->start_now ? "now" : "marker");
+    if (c->mailbox_on) {
+        g_string_append_printf(rec, "%" PRIu64 ", \"mailbox_size\": %" PRIu64,
+                               c->mailbox_phys, c->mailbox_size);
+    } else {
+        g_string_append(rec, "null, \"mailbox_size\": 0");
+    }
+    g_string_append_printf(rec, ", \"state_brackets\": \"tracer STATE_BEGIN(reset), agent dump, "
+                           "PAGE all frames, MAP all spaces, STATE_END\", \"zstd_level\": %d, "
+                           "\"chunk_bytes\": %" PRIu64 "}", c->zstd_level, c->chunk_bytes);
+    jobj_set_raw(&h, "recorder", rec->str);
+    g_string_free(rec, TRUE);
+    if (c->header_path && !merge_header_file(&h, c->header_path, err)) {
+        jobj_free(&h);
+        return NULL;
+    }
+    char *text = jobj_text(&h);
+    jobj_free(&h);
+    return text;
+}
+
+static int reject(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
+static int reject(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *s = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "memtrace: %s\n%s", s, usage_text);
+    g_free(s);
+    return -1;
+}
+
+static int parse_args(int argc, char **argv)
+{
+    struct config *c = &S.cfg;
+    c->epoch = 10000000;
+    c->mailbox_on = true;
+    c->mailbox_phys = DEFAULT_MAILBOX;
+    c->mailbox_size = DEFAULT_MAILBOX_SIZE;
+    c->chunk_bytes = 4u << 20;
+    c->zstd_level = 0; /* 0: by mode, set below */
+    c->queue_depth = 16;
+    bool have_ram_size = false;
+    for (int i = 0; i < argc; i++) {
+        char *eq = strchr(argv[i], '=');
+        if (!eq) {
+            return reject("argument \"%s\" is not key=value", argv[i]);
+        }
+        g_autofree char *key = g_strndup(argv[i], (gsize)(eq - argv[i]));
+        const char *val = eq + 1;
+        uint64_t v;
+        if (!strcmp(key, "out")) {
+            c->out = g_strdup(val);
+        } else if (!strcmp(key, "ram")) {
+            c->ram = g_strdup(val);
+        } else if (!strcmp(key, "header")) {
+            c->header_path = g_strdup(val);
+        } else if (!strcmp(key, "stats")) {
+            c->stats_path = g_strdup(val);
+        } else if (!strcmp(key, "stop_image")) {
+            c->stop_image = g_strdup(val);
+        } else if (!strcmp(key, "ram_size")) {
+            if (!parse_size(val, &c->ram_size)) {
+                return reject("ram_size=%s is not a size", val);
+            }
+            have_ram_size = true;
+        } else if (!strcmp(key, "mode")) {
+            if (!strcmp(val, "pages")) {
+                c->writes_mode = false;
+            } else if (!strcmp(val, "writes")) {
+                c->writes_mode = true;
+            } else {
+                return reject("mode=%s: expected pages or writes", val);
+            }
+        } else if (!strcmp(key, "epoch")) {
+            if (!parse_size(val, &c->epoch) || c->epoch == 0) {
+                return reject("epoch=%s: expected a positive instruction count", val);
+            }
+        } else if (!strcmp(key, "mailbox")) {
+            if (!strcmp(val, "none")) {
+                c->mailbox_on = false;
+            } else if (!parse_size(val, &c->mailbox_phys)) {
+                return reject("mailbox=%s: expected a physical address or none", val);
+            }
+        } else if (!strcmp(key, "mailbox_size")) {
+            if (!parse_size(val, &c->mailbox_size)) {
+                return reject("mailbox_size=%s is not a size", val);
+            }
+        } else if (!strcmp(key, "track")) {
+            if (!strcmp(val, "auto")) {
+                c->track = TRACK_AUTO;
+            } else if (!strcmp(val, "pagemap")) {
+                c->track = TRACK_PAGEMAP;
+            } else if (!strcmp(val, "callbacks")) {
+                c->track = TRACK_CALLBACKS;
+            } else {
+                return reject("track=%s: expected auto, pagemap or callbacks", val);
+            }
+        } else if (!strcmp(key, "start")) {
+            if (!strcmp(val, "marker")) {
+                c->start_now = false;
+            } else if (!strcmp(val, "now")) {
+                c->start_now = true;
+            } else {
+                return reject("start=%s: expected marker or now", val);
+            }
+        } else if (!strcmp(key, "chunk")) {
+            if (!parse_size(val, &c->chunk_bytes) || c->chunk_bytes < 65536 ||
+                c->chunk_bytes > (1u << 30)) {
+                return reject("chunk=%s: expected 64K..1G", val);
+            }
+        } else if (!strcmp(key, "zstd")) {
+            if (!parse_size(val, &v) || v < 1 || v > 19) {
+                return reject("zstd=%s: expected a level 1..19", val);
+            }
+            c->zstd_level = (int)v;
+        } else if (!strcmp(key, "queue")) {
+            if (!parse_size(val, &v) || v < 1 || v > 1024) {
+                return reject("queue=%s: expected 1..1024 chunks", val);
+            }
+            c->queue_depth = (unsigned)v;
+        } else {
+            return reject("unknown argument \"%s\"", key);
+        }
+    }
+    if (c->zstd_level == 0) {
+        c->zstd_level = c->writes_mode ? 1 : 3;
+    }
+    if (!c->out || !*c->out) {
+        return reject("out=PATH is required");
+    }
+    if (!c->ram || !*c->ram) {
+        return reject("ram=PATH is required (the mem-path of the guest RAM backend)");
+    }
+    if (!have_ram_size) {
+        return reject("ram_size=BYTES is required");
+    }
+    if (c->ram_size == 0 || c->ram_size % PAGE_SIZE || c->ram_size > MAX_RAM) {
+        return reject("ram_size=%" PRIu64 ": expected a multiple of 4096, at most 2G (above "
+                      "the PCI hole guest physical addresses are not RAM file offsets)",
+                      c->ram_size);
+    }
+    if (c->mailbox_on) {
+        if (c->mailbox_phys % PAGE_SIZE || c->mailbox_size % PAGE_SIZE ||
+            c->mailbox_size < 2 * PAGE_SIZE || c->mailbox_phys >= c->ram_size ||
+            c->mailbox_size > c->ram_size - c->mailbox_phys) {
+            return reject("mailbox=0x%" PRIx64 " mailbox_size=%" PRIu64 ": expected page-aligned, "
+                          "at least 8K, inside guest RAM", c->mailbox_phys, c->mailbox_size);
+        }
+    }
+    return 0;
+}
+
+QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info,
+                                           int argc, char **argv)
+{
+    memset(&S, 0, sizeof(S));
+    S.id = id;
+    S.ram_fd = -1;
+    if (parse_args(argc, argv) < 0) {
+        return -1;
+    }
+    struct config *c = &S.cfg;
+    if (!info->system_emulation) {
+        return reject("system emulation only (qemu-system-x86_64)");
+    }
+    if (strcmp(info->target_name, "x86_64") != 0) {
+        return reject("target %s: only x86_64 is supported (page tables, RAM layout)",
+                      info->target_name);
+    }
+    if (info->system.smp_vcpus > 1 || info->system.max_vcpus > 1) {
+        return reject("%d vCPUs: memtrace supports one vCPU (-smp 1); its state is not "
+                      "shared safely between vCPU threads", info->system.max_vcpus);
+    }
+
+    /* how to find written frames */
+    char err[512] = "";
+    if (c->track != TRACK_CALLBACKS) {
+        if (wp_probe(err, sizeof(err)) == 0) {
+            S.use_pagemap = true;
+        } else if (c->track == TRACK_PAGEMAP) {
+            return reject("track=pagemap: the host kernel cannot do it: %s", err);
+        } else {
+            warn("write-protect tracking unavailable (%s); using store callbacks", err);
+        }
+    }
+    S.store_cbs = c->writes_mode || !S.use_pagemap;
+
+    char *herr = NULL;
+    char *header = build_header(info, &herr);
+    if (!header) {
+        int r = reject("%s", herr);
+        g_free(herr);
+        return r;
+    }
+    S.tw = tw_open(c->out, header, c->chunk_bytes, c->zstd_level, c->queue_depth, log_msg,
+                   &herr);
+    g_free(header);
+    if (!S.tw) {
+        int r = reject("%s", herr);
+        g_free(herr);
+        return r;
+    }
+
+    S.frames = c->ram_size >> PAGE_SHIFT;
+    if (c->mailbox_on) {
+        S.mb_first = c->mailbox_phys >> PAGE_SHIFT;
+        S.mb_end = (c->mailbox_phys + c->mailbox_size) >> PAGE_SHIFT;
+    }
+    S.hashes = g_new0(uint64_t, 2 * S.frames);
+    S.written = g_new0(uint8_t, (S.frames + 7) / 8);
+    S.written_list = g_array_new(FALSE, FALSE, sizeof(uint64_t));
+    static const uint8_t zero_page[PAGE_SIZE];
+    XXH128_hash_t z = XXH3_128bits(zero_page, PAGE_SIZE);
+    S.zero_lo = z.low64;
+    S.zero_hi = z.high64;
+    evbuf_init(&S.dump);
+    evbuf_init(&S.pending);
+    S.tasks = g_hash_table_new_full(g_direct_hash, g_direct_equal, NULL, g_free);
+    S.mms = g_hash_table_new_full(g_int64_hash, g_int64_equal, NULL, mm_free);
+
+    S.check_interval = c->epoch < MAX_CHECK_INTERVAL ? c->epoch : MAX_CHECK_INTERVAL;
+    S.next_epoch = c->epoch;
+    S.next_check = 0; /* first block: start=now starts before the first instruction */
+#if HAVE_SCOREBOARD
+    S.sb = qemu_plugin_scoreboard_new(2 * sizeof(uint64_t));
+    S.sb_total = (qemu_plugin_u64){ S.sb, 0 };
+    S.sb_since = (qemu_plugin_u64){ S.sb, sizeof(uint64_t) };
+#endif
+
+    qemu_plugin_register_vcpu_init_cb(id, vcpu_init);
+    qemu_plugin_register_vcpu_idle_cb(id, vcpu_idle);
+    qemu_plugin_register_vcpu_tb_trans_cb(id, vcpu_tb_trans);
+    qemu_plugin_register_atexit_cb(id, plugin_exit, NULL);
+    return 0;
+}
