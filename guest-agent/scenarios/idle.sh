@@ -1,0 +1,4 @@
+# idle: start and stop markers only (boot check)
+. /scenarios/lib.sh
+mt start
+mt stop
