@@ -7,11 +7,10 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   qemu-system-x86          # the emulator (TCG plugins enabled in Debian's build)
-  gcc make pkg-config      # plugin and guest-agent module
-  libglib2.0-dev libzstd-dev libxxhash-dev
-  dpkg-dev                 # apt-get source for qemu-plugin.h, dpkg-deb for the guest image
+  gcc gcc-12 make binutils pkg-config   # plugin, guest-agent module (Debian's 6.1 kernel: gcc-12)
+  libglib2.0-dev libzstd-dev libxxhash-dev libelf1
+  dpkg-dev debian-archive-keyring       # apt-get source for qemu-plugin.h; pinned guest packages
   cpio zstd xz-utils kmod  # initramfs, kernel module tools
-  busybox-static
   python3-venv
 )
 

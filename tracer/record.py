@@ -38,7 +38,7 @@ from tracer.qemu import (
 from traces.reader import TraceError, follow
 from traces.writer import mark_incomplete
 
-SCENARIOS = ("single", "terminal-server", "zero-install", "server-heap", "ksm")
+SCENARIOS = ("single", "terminal-server", "zero-install", "server-heap", "ksm", "idle")
 DONE = re.compile(rb"MEMTRACE-SCENARIO-DONE rc=(-?\d+)")
 VERSION = "0.1.0"
 
@@ -83,7 +83,7 @@ def parse_count(s: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="trace-record", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenario", default="single", choices=SCENARIOS + ("selftest",),
+    ap.add_argument("--scenario", default="single", choices=SCENARIOS,
                     help="guest workload (default: single)")
     ap.add_argument("-n", type=int, default=2, help="instances for the scenario (default: 2)")
     ap.add_argument("-o", "--output", help="trace file (default: out/SCENARIO-N-MODE.mtr)")
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-plugin", action="store_true",
                     help="run the scenario under plain TCG without tracing (for benchmarks)")
     ap.add_argument("--serial-log", help="keep the guest's serial console here")
+    ap.add_argument("--append", default="", metavar="PARAMS",
+                    help="extra guest kernel command-line parameters (guest-agent/README.md "
+                         "lists the memtrace.* ones)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return ap
 
@@ -139,7 +142,8 @@ class Recorder:
             run = GuestRun(kernel=GUEST / files.get("bzImage", {}).get("path", "bzImage"),
                            initrd=GUEST / files.get("initramfs", {}).get("path",
                                                                         "initramfs.cpio"),
-                           append=kernel_cmdline(a.scenario, a.n), ram_size=ram_size,
+                           append=kernel_cmdline(a.scenario, a.n, a.append),
+                           ram_size=ram_size,
                            workdir=work)
             header_path = work / "header.json"
             header = {

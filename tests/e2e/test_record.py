@@ -83,10 +83,11 @@ def test_trace_has_tasks_vmas_and_mappings(single_trace):
 
 
 def test_timeout_keeps_partial_trace(tmp_path):
+    """A guest that never powers off (a shell waiting on the console after the scenario)."""
     out = tmp_path / "hung.mtr"
     before = shm_files()
-    p = record("--scenario", "single", "-n", "1", "--start", "now", "--timeout", "20",
-               "-o", str(out))
+    p = record("--scenario", "idle", "--append", "memtrace.shell=1", "--start", "now",
+               "--timeout", "60", "-o", str(out))
     assert p.returncode == 4, p.stderr[-2000:]
     assert "INCOMPLETE" in p.stderr and "timeout" in p.stderr
     st = Replay(open_trace(out), progress=False).run()
