@@ -78,6 +78,29 @@ def bench_pages(updates: int, per_epoch: int) -> dict[str, float]:
             "ratio_all_to_decompress": t_all / t_dec}
 
 
+def bench_real(path: str) -> None:
+    """Replay of a recorded trace (the shipped sample by default) against its decompression."""
+    tr = open_trace(path)
+    t0 = time.perf_counter()
+    for c in tr.chunks:
+        tr._payload(c)
+    t_dec = time.perf_counter() - t0
+    counts = 0
+    for chunk in tr.iter_chunks():
+        counts += sum(len(r) for k, r in chunk.blocks if k == Kind.PAGE)
+    t0 = time.perf_counter()
+    Replay(open_trace(path), [], progress=False).run()
+    t_engine = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    Replay(open_trace(path), [cls() for cls in ANALYSES if cls.default], progress=False).run()
+    t_all = time.perf_counter() - t0
+    print(f"recorded trace {Path(path).name}: {os.path.getsize(path) / 1e6:.1f} MB, "
+          f"{counts:,} page updates")
+    print(f"  zstd decompression {t_dec:.3f} s; replay {t_engine:.2f} s = "
+          f"{t_engine / t_dec:.1f}x decompression; with default analyses {t_all:.2f} s = "
+          f"{t_all / t_dec:.1f}x")
+
+
 def bench_writes(n: int, per_epoch: int = 1_000_000) -> dict[str, float]:
     """Stores with kernel-like locality: runs of rep-stos bytes and 8-byte stores, 1 M per epoch;
     each epoch's touched frames are hashed to find the changed pages."""
@@ -123,9 +146,13 @@ def main() -> None:
     ap.add_argument("--updates", type=int, default=5_000_000)
     ap.add_argument("--per-epoch", type=int, default=5000)
     ap.add_argument("--writes", type=int, default=20_000_000)
+    ap.add_argument("--trace", default=str(Path(__file__).resolve().parent.parent / "traces"
+                                           / "samples" / "default.mtr"),
+                    help="a recorded trace to replay (default: the shipped sample)")
     a = ap.parse_args()
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
           f"python {platform.python_version()}, numpy {np.__version__}")
+    bench_real(a.trace)
     p = bench_pages(a.updates, a.per_epoch)
     print(f"page updates: {p['updates']:,} in epochs of {p['per_epoch']:,}; trace "
           f"{p['trace_MB']:.1f} MB ({p['raw_MB']:.1f} MB raw)")

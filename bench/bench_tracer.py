@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from traces.format import Kind  # noqa: E402
+from analyses.engine import Replay  # noqa: E402
+from traces.format import Kind, MarkOp  # noqa: E402
 from traces.reader import open_trace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,8 +43,11 @@ def trace_stats(path: Path) -> dict[str, float]:
     for chunk in tr.iter_chunks():
         for kind, rec in chunk.blocks:
             counts[kind] = counts.get(kind, 0) + len(rec)
-    t0 = tr.chunks[0].t_first if tr.chunks else 0
-    instr = max(1, tr.t_end - t0)
+    st = Replay(open_trace(path), progress=False).run()
+    starts = [t for t, op, _ in st.marks if op == MarkOp.START]
+    stops = [t for t, op, _ in st.marks if op == MarkOp.STOP]
+    t0 = starts[0] if starts else 0
+    instr = max(1, (stops[-1] if stops else tr.t_end) - t0)  # the traced region
     return {"bytes": os.path.getsize(path), "instructions": instr,
             "writes": counts.get(Kind.WRITE, 0), "pages": counts.get(Kind.PAGE, 0),
             "tracking": tr.header.get("tracking", "?")}

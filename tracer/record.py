@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after the run, compare every frame of guest RAM, as it was when "
                          "tracing stopped, with the trace's final state")
     ap.add_argument("--no-plugin", action="store_true",
-                    help="run the scenario under plain TCG without tracing (for benchmarks)")
+                    help="run the scenario under plain TCG without tracing and without the "
+                         "guest agent (the baseline for benchmarks)")
     ap.add_argument("--serial-log", help="keep the guest's serial console here")
     ap.add_argument("--append", default="", metavar="PARAMS",
                     help="extra guest kernel command-line parameters (guest-agent/README.md "
@@ -142,7 +143,8 @@ class Recorder:
             run = GuestRun(kernel=GUEST / files.get("bzImage", {}).get("path", "bzImage"),
                            initrd=GUEST / files.get("initramfs", {}).get("path",
                                                                         "initramfs.cpio"),
-                           append=kernel_cmdline(a.scenario, a.n, a.append),
+                           append=kernel_cmdline(a.scenario, a.n, a.append + (
+                               " memtrace.agent=0" if a.no_plugin else "")),
                            ram_size=ram_size,
                            workdir=work)
             header_path = work / "header.json"
