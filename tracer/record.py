@@ -221,6 +221,14 @@ class Recorder:
         if a.serial_log:
             Path(a.serial_log).write_bytes(serial)
         m = DONE.search(serial)
+        # the plugin's own failures (e.g. the disk filled up): say them, mark the trace
+        plugin_errors = [ln.split("memtrace: ", 1)[1] for ln in q.stderr_text().splitlines()
+                         if ln.startswith("memtrace: ") and ("fatal:" in ln
+                                                              or "incomplete:" in ln)]
+        for e in plugin_errors:
+            print(f"trace-record: tracer: {e}", file=sys.stderr)
+        if self.stop_reason is None and plugin_errors:
+            self.stop_reason = plugin_errors[0]
         if self.stop_reason is None and m is None:
             self.stop_reason = f"QEMU exited (code {rc}) before the scenario finished"
         if not a.no_plugin:
@@ -228,7 +236,12 @@ class Recorder:
                 raise SetupError("the plugin wrote no trace: " +
                                  (q.stderr_text().strip().splitlines() or ["no message"])[-1])
             if self.stop_reason:
-                mark_incomplete(out, self.stop_reason)
+                try:
+                    mark_incomplete(out, self.stop_reason)
+                except OSError as e:
+                    print(f"trace-record: warning: could not mark {out} incomplete: "
+                          f"{e.strerror}; it stays readable up to its last complete chunk",
+                          file=sys.stderr)
         status = "ok" if not self.stop_reason else f"INCOMPLETE: {self.stop_reason}"
         print(f"trace-record: {a.scenario} n={a.n}: {status}; wall {wall:.1f} s"
               + ("" if a.no_plugin else f"; trace {out} ({out.stat().st_size / 1e6:.1f} MB)"),

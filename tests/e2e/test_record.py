@@ -103,3 +103,23 @@ def test_bad_plugin_argument_is_refused(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
     assert "mode" in p.stderr and "Segmentation" not in p.stderr
+
+
+def test_disk_full_keeps_readable_prefix(tmp_path):
+    """The trace's file system fills up mid-run: a clear error, a non-zero exit, and the trace
+    stays readable up to its last complete chunk (runs as root: it mounts a small tmpfs)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mnt)], check=True)
+    try:
+        out = mnt / "t.mtr"
+        p = record("--scenario", "single", "-n", "1", "-o", str(out))
+        assert p.returncode == 4, p.stderr[-2000:]
+        assert "No space left on device" in p.stderr
+        assert "Traceback" not in p.stderr
+        tr = open_trace(out)
+        assert tr.chunks, "no complete chunk survived"
+        Replay(tr, progress=False).run()
+        tr.close()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
