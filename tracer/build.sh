@@ -9,7 +9,8 @@
 # changed and no root is needed once the header is cached. Never commit the header.
 #
 # Usage: tracer/build.sh [options]
-#   --qemu-version VER  Debian source version of qemu to build against (default: the version
+#   --qemu-version VER  Debian source version of qemu to build against ("latest": the newest in
+#                       --suite; default: the version
 #                       of the installed qemu-system-x86_64, e.g. 1:7.2+dfsg-7+deb12u18)
 #   --suite SUITE       Debian suite whose deb-src entries to use (default: this system's,
 #                       VERSION_CODENAME of /etc/os-release), e.g. trixie for QEMU 10.0
@@ -74,6 +75,10 @@ fetch_header() {
         -o "APT::Sandbox::User=$(id -un)" -o "Debug::NoLocking=1"
     echo "build.sh: fetching the $suite source index (deb-src) into $apt" >&2
     apt-get "$@" -q update >&2 || die "apt-get update failed for the deb-src entries of $suite"
+    if [ "$ver" = latest ]; then
+        ver=$(apt-cache "$@" showsrc "$src" | sed -n 's/^Version: //p' | sort -V | tail -n 1)
+        [ -n "$ver" ] || die "no source package $src in $suite"
+    fi
     dl="$build/qemu-src"
     rm -rf "$dl"
     mkdir -p "$dl"
