@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="analyze a trace with a corrupt chunk up to that chunk")
     ap.add_argument("--add-checkpoints", type=int, metavar="N", default=None,
                     help="append a seek checkpoint after every N chunks of the trace and exit")
+    ap.add_argument("--show-page", metavar="HASH", default=None,
+                    help="print a hex dump of one content from the trace's content store and "
+                         "exit (HASH: 32 hex digits or a unique prefix, as --top prints them)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     for cls in ANALYSES:
         cls.add_arguments(ap)
@@ -79,6 +82,14 @@ def run(argv: list[str] | None = None) -> int:
             return fail("--add-checkpoints needs N >= 1", 2)
         n = add_checkpoints(path, a.add_checkpoints, progress=not a.quiet)
         print(f"{path}: added {n} checkpoints")
+        return 0
+    if a.show_page is not None:
+        from analyses.attribution import PageNotFound, show_page
+
+        try:
+            sys.stdout.write(show_page(path, a.show_page))
+        except PageNotFound as e:
+            return fail(str(e))
         return 0
     classes = [c for c in ANALYSES if getattr(a, f"run_{c.name}")] or \
         [c for c in ANALYSES if c.default]

@@ -78,8 +78,8 @@ class Replay:
                 st.apply_pagecache(rec)
             elif kind == Kind.TASK:
                 for r in rec.tolist():
-                    op, pid, tgid, ppid, mm, _pgd, name, _flags = r
-                    st.apply_task(op, pid, tgid, ppid, mm, chunk.string(name))
+                    op, pid, tgid, ppid, mm, _pgd, name, flags = r
+                    st.apply_task(op, pid, tgid, ppid, mm, chunk.string(name), flags)
             elif kind == Kind.VMA:
                 for r in rec.tolist():
                     op, _pid, mm, start, end, vm_flags, pgoff, ino, dev, path = r

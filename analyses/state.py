@@ -9,13 +9,15 @@ can be read at every content change without recomputation.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
 
 from analyses.content import ZERO_HASH, ContentTable, one_of_each
 from traces.format import MAP_PRESENT, PageCacheOp, TaskOp, VmaOp
+
+CLONE_VM = 0x100  # clone flag: the child shares the parent's address space (a thread)
 
 
 @dataclass
@@ -351,8 +353,8 @@ class ReplayState:
             if not sp.pids and sp.had_tasks:
                 self.release_space(mm)
 
-    def apply_task(self, op: int, pid: int, tgid: int, ppid: int, mm: int, name: str | None
-                   ) -> None:
+    def apply_task(self, op: int, pid: int, tgid: int, ppid: int, mm: int, name: str | None,
+                   flags: int = 0) -> None:
         task = self.tasks.get(pid)
         if op in (TaskOp.NEW, TaskOp.EXISTING):
             if task is not None:
@@ -361,6 +363,13 @@ class ReplayState:
             exe = parent.exe if parent is not None and parent.tgid == ppid else None
             self.tasks[pid] = Task(pid, tgid, ppid, name or "?", mm, exe, self.t)
             self._attach(pid, mm)
+            if op == TaskOp.NEW and not flags & CLONE_VM and parent is not None:
+                # fork: the child's address space starts as a copy of the parent's VMAs (the
+                # agent reports VMA changes, not the copy fork makes)
+                src = self.spaces.get(parent.mm)
+                dst = self.spaces.get(mm)
+                if src is not None and dst is not None and dst is not src and not dst.vmas:
+                    dst.vmas = {s: replace(v) for s, v in src.vmas.items()}
         elif task is None:
             if op == TaskOp.EXEC:
                 self.tasks[pid] = Task(pid, tgid, ppid, "?", mm, name, self.t)

@@ -151,3 +151,18 @@ def test_last_update_of_a_frame_in_one_block_wins(tmp_path):
     assert int(st.contents.lo[st.content[5]]) == content(4)[0]
     assert int(st.contents.lo[st.content[6]]) == content(9)[0]
     assert st.figures()["full_cbps"] == 2
+
+
+def test_fork_copies_the_parents_vmas(tmp_path):
+    from traces.format import VmaOp
+
+    b = Builder(tmp_path / "t.mtr").at(1)
+    b.w.task(TaskOp.NEW, 10, 10, 1, mm=7, name="parent")
+    b.w.vma(VmaOp.MAP, 10, 7, 0x1000, 0x3000, 0x3, 0, 5, 8, "/lib/x.so")
+    b.w.task(TaskOp.NEW, 11, 11, 10, mm=8, name="child")  # fork: no CLONE_VM
+    b.w.task(TaskOp.NEW, 12, 10, 10, mm=7, name="thread", flags=0x100)
+    b.at(2).close()
+    st = replay(tmp_path / "t.mtr")["state"]
+    assert [(v.start, v.end, v.path) for v in st.spaces[8].vmas.values()] == \
+        [(0x1000, 0x3000, "/lib/x.so")]
+    assert st.spaces[8].vmas[0x1000] is not st.spaces[7].vmas[0x1000]
