@@ -13,7 +13,20 @@ import numpy as np
 
 from analyses.base import Analysis, Result, Table
 from analyses.state import ReplayState
-from analyses.timeline import default_interval, pages_to_mib, samples_in
+from analyses.timeline import MIB_PAGES, default_interval, pages_to_mib, samples_in
+from traces.format import Kind, MarkOp
+
+
+def parse_base(s: str) -> int:
+    """A base in pages, or in MiB with the suffix MiB (4 KiB pages)."""
+    import argparse
+
+    try:
+        if s.lower().endswith("mib"):
+            return max(1, round(float(s[:-3]) * MIB_PAGES))
+        return max(1, int(s))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a base: {s!r} (e.g. 120000 or 480MiB)") from None
 
 FIGURES = ("no_sharing", "mmap_fork", "ksm_hint_all", "full_cbps")
 
@@ -98,11 +111,20 @@ class SharingAnalysis(Analysis):
     default = True
 
     @classmethod
-    def from_args(cls, args: Any) -> SharingAnalysis:
-        return cls(args.interval)
+    def add_arguments(cls, parser: Any) -> None:
+        parser.add_argument("--base", type=parse_base, default=None, metavar="PAGES|NMiB",
+                            help="--sharing: also give the figures relative to this base, as "
+                                 "the thesis's tables do (e.g. 480MiB)")
 
-    def __init__(self, interval: int | None = None, top_spaces: int = 20) -> None:
+    @classmethod
+    def from_args(cls, args: Any) -> SharingAnalysis:
+        return cls(args.interval, base=args.base)
+
+    def __init__(self, interval: int | None = None, top_spaces: int = 20,
+                 base: int | None = None) -> None:
         self.interval = interval
+        self.base = base
+        self.per_snapshot = False
         self.top_spaces = top_spaces
         self.samples: list[dict[str, Any]] = []
         self.peak: dict[str, Any] | None = None
@@ -111,6 +133,8 @@ class SharingAnalysis(Analysis):
     def begin(self, replay: Any) -> None:
         super().begin(replay)
         tr = replay.trace
+        # a snapshot trace changes only at its snapshots: sample each one, once
+        self.per_snapshot = tr.header.get("source") == "snapshot" and not self.interval
         self.interval = self.interval or default_interval(tr)
         self.origin = tr.chunks[0].t_first if tr.chunks else 0
 
@@ -122,11 +146,18 @@ class SharingAnalysis(Analysis):
             self.peak_spaces = per_space(st)
 
     def on_interval(self, st: ReplayState, t0: int, t1: int) -> None:
+        if self.per_snapshot:
+            return
         for s in samples_in(t0, t1, self.origin, self.interval or 1):
             self._sample(st, s)
 
+    def on_records(self, st: ReplayState, kind: int, records: Any, chunk: Any) -> None:
+        if self.per_snapshot and kind == Kind.MARK and \
+                np.any(records["op"] == MarkOp.STATE_END):
+            self._sample(st, st.t)
+
     def end(self, st: ReplayState) -> None:
-        if not self.samples or self.samples[-1]["t"] < st.t:
+        if not self.samples or (self.samples[-1]["t"] < st.t and not self.per_snapshot):
             self._sample(st, st.t)
 
     def result(self) -> Result:
@@ -147,10 +178,13 @@ class SharingAnalysis(Analysis):
         for f in FIGURES:
             fig_rows.append([f, peak[f], round(pages_to_mib(peak[f], ps), 2),
                              round(peak[f] / base, 3)])
+            if self.base:
+                fig_rows[-1].append(round(peak[f] / self.base, 3))
             r.summary[f"peak_{f}"] = peak[f]
             r.units[f"peak_{f}"] = "pages"
         r.tables["figures_at_peak"] = Table(
-            ["figure", "pages", "MiB", "relative_to_mmap_fork"], fig_rows,
+            ["figure", "pages", "MiB", "relative_to_mmap_fork"]
+            + ([f"relative_to_base_{self.base}_pages"] if self.base else []), fig_rows,
             "the four figures at the sample with the most frames mapped (thesis Table 5.1 form)")
         r.tables["shareable_by_type"] = Table(
             ["type", "contents", "sharings"],

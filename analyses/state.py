@@ -45,7 +45,8 @@ class Vma:
 
     @property
     def anonymous(self) -> bool:
-        return self.ino == 0 and self.path is None
+        """Not backed by a file (its path may still be a kernel name such as [heap])."""
+        return self.ino == 0
 
 
 @dataclass

@@ -103,3 +103,12 @@ def test_add_checkpoints_cli(tmp_path):
     after = run(p, "--oracle", "--format", "json", "-q", check_rc=0).stdout
     assert json.loads(before)["results"] == json.loads(after)["results"]
     assert "already has checkpoints" in run(p, "--add-checkpoints", "2", check_rc=1).stderr
+
+
+def test_base_column(trace):
+    doc = json.loads(run(trace, "--sharing", "--base", "1MiB", "--format", "json", "-q",
+                         check_rc=0).stdout)
+    t = doc["results"]["sharing"]["tables"]["figures_at_peak"]
+    assert t["columns"][-1] == "relative_to_base_256_pages"
+    assert all(abs(row[-1] - row[1] / 256) < 1e-3 for row in t["rows"])
+    assert "not a base" in run(trace, "--base", "x", check_rc=2).stderr
