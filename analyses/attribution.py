@@ -967,7 +967,7 @@ class AttributionAnalysis(Analysis):
         super().begin(replay)
         tr = replay.trace
         self.interval = self.interval or default_interval(tr)
-        self.origin = tr.chunks[0].t_first if tr.chunks else 0
+        self.origin = tr.t_begin
 
     def on_records(self, st: ReplayState, kind: int, records: np.ndarray, chunk: Any) -> None:
         if kind == Kind.VMA:

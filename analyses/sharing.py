@@ -136,7 +136,7 @@ class SharingAnalysis(Analysis):
         # a snapshot trace changes only at its snapshots: sample each one, once
         self.per_snapshot = tr.header.get("source") == "snapshot" and not self.interval
         self.interval = self.interval or default_interval(tr)
-        self.origin = tr.chunks[0].t_first if tr.chunks else 0
+        self.origin = tr.t_begin
 
     def _sample(self, st: ReplayState, s: int) -> None:
         fig = {"t": s, **full_figures(st)}

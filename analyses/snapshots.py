@@ -46,7 +46,7 @@ class SnapshotVsContinuous(Analysis):
         super().begin(replay)
         tr = replay.trace
         self.interval = self.interval or default_interval(tr, 20)
-        self.origin = tr.chunks[0].t_first if tr.chunks else 0
+        self.origin = tr.t_begin
 
     def _grow(self, n: int) -> None:
         if n > len(self.start):

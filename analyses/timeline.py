@@ -24,7 +24,7 @@ def default_interval(trace: Trace, samples: int = 100) -> int:
     """An interval giving about ``samples`` samples over the trace (at least 1 clock unit)."""
     if not trace.chunks:
         return 1
-    span = trace.chunks[-1].t_last - trace.chunks[0].t_first
+    span = trace.chunks[-1].t_last - trace.t_begin
     return max(1, span // samples)
 
 

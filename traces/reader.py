@@ -280,6 +280,22 @@ class Trace:
                 return
 
     @property
+    def t_begin(self) -> int:
+        """Time of the first TIME record (a recorded trace's clock does not start at 0: the
+        boot before the start marker is not traced)."""
+        if not hasattr(self, "_t_begin"):
+            self._t_begin = self.chunks[0].t_first if self.chunks else 0
+            if self.chunks:
+                try:
+                    for kind, rec in self.read_chunk(self.chunks[0]).blocks:
+                        if kind == Kind.TIME and len(rec):
+                            self._t_begin = int(rec["t"][0])
+                            break
+                except TraceError:
+                    pass  # reported when the chunk is replayed
+        return self._t_begin
+
+    @property
     def t_end(self) -> int:
         return self.chunks[-1].t_last if self.chunks else 0
 

@@ -123,3 +123,26 @@ def test_disk_full_keeps_readable_prefix(tmp_path):
         tr.close()
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_attribution_finds_the_data_and_the_binary(tmp_path):
+    """server-heap: two processes read the same 4 MiB file into anonymous memory. The data must
+    come out on top as cross-instance anonymous sharing (1024 pages each, so >= 1000 pages
+    saved), and python3.11 as the file with the most sharing."""
+    out = tmp_path / "sh.mtr"
+    p = record("--scenario", "server-heap", "-n", "2", "-o", str(out))
+    assert p.returncode == 0, p.stderr[-2000:]
+    # the instant with the most sharing: where the oracle saves most against mmap/fork
+    o = json.loads(analyze(str(out), "--oracle", "--format", "json").stdout)
+    rows = o["results"]["oracle"]["tables"]["series"]["rows"]  # t, t_end, oracle, mmap_fork...
+    t_best = max(rows, key=lambda r: r[3] - r[2])[0]
+    a = analyze(str(out), "--by", "file,kind", "--at", str(t_best), "--format", "json")
+    assert a.returncode == 0, a.stderr
+    tables = json.loads(a.stdout)["results"]["attribution"]["tables"]
+    kind = {r[0]: dict(zip(tables["by_kind"]["columns"], r, strict=True))
+            for r in tables["by_kind"]["rows"]}
+    top_kind = max(kind.values(), key=lambda r: r["saved"])
+    assert top_kind["kind"] == "anon" and top_kind["saved_cross"] >= 1000, kind
+    files = [dict(zip(tables["by_file"]["columns"], r, strict=True))
+             for r in tables["by_file"]["rows"] if not r[0].startswith("(")]
+    assert max(files, key=lambda r: r["saved"])["file"].endswith("python3.11"), files[:3]
