@@ -354,10 +354,11 @@ class ItemSpace:
         return vp[o], fr[o], has_mergeable
 
     def _patch(self, st: ReplayState, sp: AddressSpace, slot: int, ov: np.ndarray,
-               of: np.ndarray, changed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               changed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The items of ``slot`` after MAP records for the pages ``changed`` (sorted, unique):
-        its old sorted items ``ov``/``of`` with those pages taken out and put back as the state
-        now maps them. Returns pages, frames and, per item, its old index (-1: new)."""
+        its old sorted items ``ov`` with those pages taken out (``keep`` is False for them) and
+        put back as the state now maps them. Returns ``keep`` and, for the pages to insert,
+        their virtual pages, frames and old index (-1: new)."""
         l0 = len(ov)
         pos = np.searchsorted(ov, changed)
         pc_ = np.minimum(pos, max(l0 - 1, 0))
@@ -367,12 +368,7 @@ class ItemSpace:
         get = sp.pages.get
         nfr = np.array([get(v, -1) for v in changed.tolist()], dtype=np.int64)
         ins = self._in_scope(st, slot, changed, nfr)
-        kv, kf = ov[keep], of[keep]
-        kidx = np.flatnonzero(keep)
-        iv, ifr = changed[ins], nfr[ins]
-        isrc = np.where(present[ins], pos[ins], -1)
-        at = np.searchsorted(kv, iv)
-        return np.insert(kv, at, iv), np.insert(kf, at, ifr), np.insert(kidx, at, isrc)
+        return keep, changed[ins], nfr[ins], np.where(present[ins], pos[ins], -1)
 
     # -- storage -----------------------------------------------------------------------------
     def _grow_cells(self, need: int) -> None:
@@ -458,68 +454,82 @@ class ItemSpace:
     def _rebuild(self, st: ReplayState, t: float, slot: int,
                  pages: np.ndarray | None = None) -> None:
         """Rebuild the items of one slot from the state, carrying what carries; with ``pages``,
-        only those virtual pages changed (MAP records) and the rest of the slot stays."""
+        only those virtual pages changed (MAP records) and the rest of the slot stays.
+
+        The new items are the old ones kept as they were plus inserted ones (all of them for a
+        whole rebuild); only the inserted ones are worked out, the kept ones are copied."""
         mm = self.mm_of[slot]
         sp = st.spaces.get(mm)
         old = self.seg.get(slot)
         s0, l0, c0 = old if old else (0, 0, 0)
-        o = {name: getattr(self, name)[s0:s0 + l0].copy()
+        o = {name: getattr(self, name)[s0:s0 + l0]
              for name in ("vpn", "frame", "pfi", "dpfi", "pc", "uid", "ctime")}
+        e64 = np.zeros(0, dtype=np.int64)
         if sp is None:
-            vp = fr = src = np.zeros(0, dtype=np.int64)
+            keep = np.zeros(l0, dtype=bool)
+            iv = ifr = isrc = e64
             self.space_id.pop(slot, None)
             self.mergeable.pop(slot, None)
             self.vma_cache.pop(slot, None)
         else:
             same_space = id(sp) == self.space_id.get(slot)
             if pages is not None and same_space and slot in self.vma_cache:
-                vp, fr, src = self._patch(st, sp, slot, o["vpn"], o["frame"], pages)
+                keep, iv, ifr, isrc = self._patch(st, sp, slot, o["vpn"], pages)
             else:
-                vp, fr, mergeable = self._build(st, sp, slot)
+                iv, ifr, mergeable = self._build(st, sp, slot)
                 self.space_id[slot] = id(sp)
                 self.mergeable[slot] = mergeable
                 self.ever_mergeable |= mergeable
                 if slot not in self.layout:
                     self.layout.append(slot)
-                if same_space and l0 and len(vp):
-                    j = np.searchsorted(o["vpn"], vp)
+                keep = np.zeros(l0, dtype=bool)
+                if same_space and l0 and len(iv):
+                    j = np.searchsorted(o["vpn"], iv)
                     jc = np.minimum(j, l0 - 1)
-                    src = np.where((j < l0) & (o["vpn"][jc] == vp), jc, -1)
+                    isrc = np.where((j < l0) & (o["vpn"][jc] == iv), jc, -1)
                 else:
-                    src = np.full(len(vp), -1, dtype=np.int64)  # nothing carries (new mm)
-        ln = len(vp)
-        carried = src >= 0
-        sc = np.where(carried, src, 0)
+                    isrc = np.full(len(iv), -1, dtype=np.int64)  # nothing carries (new mm)
+        k = len(iv)
+        nkeep = int(keep.sum())
+        ln = nkeep + k
+        at = np.searchsorted(o["vpn"][keep], iv) if nkeep else np.zeros(k, dtype=np.int64)
+        # the inserted items: carried (the page was there, maybe on another frame) or new
+        carried = isrc >= 0
+        sc = np.where(carried, isrc, 0)
         content = st.content
-        newc = np.where(fr < len(content), content[np.minimum(fr, len(content) - 1)], -1) \
-            if ln else fr
+        newc = np.where(ifr < len(content), content[np.minimum(ifr, len(content) - 1)], -1) \
+            if k else ifr
         if l0:
             of, op, opc = o["frame"][sc], o["pfi"][sc], o["pc"][sc]
-            ouid, oct_ = o["uid"][sc], o["ctime"][sc]
+            ouid, oct_, od = o["uid"][sc], o["ctime"][sc], o["dpfi"][sc]
         else:
-            of = op = opc = ouid = np.zeros(ln, dtype=np.int64)
-            oct_ = np.zeros(ln)
-        same = carried & (of == fr)
+            of = op = opc = ouid = od = np.zeros(k, dtype=np.int64)
+            oct_ = np.zeros(k)
+        same = carried & (of == ifr)
         # a page moved to another frame with the content it had: the same page (KSM in the
         # guest, migration), not a new one - it keeps its identity, virtual for a frame's
         preserved = carried & ~same & (opc >= 0) & (opc == newc)
-        pfi = fr.copy()
+        pfi = ifr.copy()
         keep_id = same | (preserved & (op < 0))
         pfi[keep_id] = op[keep_id]
         fresh = preserved & (op >= 0)
-        k = int(fresh.sum())
-        if k:
-            pfi[fresh] = -1 - np.arange(self.nvirt, self.nvirt + k, dtype=np.int64)
-            self.nvirt += k
+        nv = int(fresh.sum())
+        if nv:
+            pfi[fresh] = -1 - np.arange(self.nvirt, self.nvirt + nv, dtype=np.int64)
+            self.nvirt += nv
             self._grow_dense()
         dpfi = np.where(pfi >= 0, pfi, self.nf - 1 - pfi)
         uid = np.where(carried, ouid, 0)
-        nnew = ln - int(carried.sum())
+        nnew = k - int(carried.sum())
         uid[~carried] = np.arange(self.next_uid, self.next_uid + nnew, dtype=np.int64)
         self.next_uid += nnew
         cont = same | preserved
         pc = np.where(cont, opc, NO_CONTENT)
         ctime = np.where(cont, oct_, t)
+        removed = ~keep
+        removed[isrc[carried]] = False
+        moved = carried & (dpfi != od)
+        refr = carried & (ifr != of)
         # placement: in place when it fits, else a new segment at the end
         if ln == 0:
             s1, c1 = 0, 0
@@ -530,23 +540,27 @@ class ItemSpace:
                 self._repack()  # more gaps than items: close them first
                 if old:
                     s0, _, c0 = self.seg[slot]
+                    o = {name: getattr(self, name)[s0:s0 + l0] for name in o}
             c1 = ln + (ln >> 1) + 8
             s1 = self.end
             self._grow_cells(s1 + c1)
             self.end += c1
-        # only pages gone, new, or with another page id change the per-page counts
-        removed = np.ones(l0, dtype=bool)
-        removed[src[carried]] = False
-        moved = carried & (dpfi != o["dpfi"][sc]) if l0 else np.zeros(ln, dtype=bool)
         for m in self.models:
-            m.segment(s0, l0, c0 if old else 0, s1, ln, c1, src, removed, moved, o["dpfi"], dpfi,
-                      t)
+            m.segment(s0, l0, c0 if old else 0, s1, ln, c1, keep, at, isrc, removed, moved,
+                      o["dpfi"], dpfi, t)
+        # only pages gone, inserted with another frame or page id, or new change the counts
+        gone_uid = o["uid"][removed]
+        nreal_out = np.concatenate([o["frame"][removed], of[refr]])
+        d_out = np.concatenate([o["dpfi"][removed], od[moved]])
+        new = {"vpn": iv, "frame": ifr, "pfi": pfi, "dpfi": dpfi, "pc": pc, "uid": uid,
+               "ctime": ctime}
+        cols = {name: np.insert(o[name][keep], at, new[name]) for name in new}
         if old and (s1 != s0 or ln == 0):
             self._clear(s0, s0 + c0)
         if ln:
             e = s1 + ln
-            self.vpn[s1:e], self.frame[s1:e], self.pfi[s1:e], self.dpfi[s1:e] = vp, fr, pfi, dpfi
-            self.pc[s1:e], self.uid[s1:e], self.ctime[s1:e] = pc, uid, ctime
+            for name, col in cols.items():
+                getattr(self, name)[s1:e] = col
             self.slot[s1:e] = slot
             self.valid[s1:e] = True
             self._clear(e, s1 + c1)
@@ -555,21 +569,18 @@ class ItemSpace:
         else:
             self.seg.pop(slot, None)
             self.slices.pop(slot, None)
-        self.uid_index[o["uid"][removed]] = -1
+        self.uid_index[gone_uid] = -1
         if self.next_uid > len(self.uid_index):
             self.uid_index = _grow(self.uid_index, self.next_uid, -1)
         if ln:
-            self.uid_index[uid] = np.arange(s1, s1 + ln, dtype=np.int64)
+            self.uid_index[cols["uid"]] = np.arange(s1, s1 + ln, dtype=np.int64)
         self.count += ln - l0
         self.relaid = True
         # frames backing in-scope pages, and pages whose content must be read
-        refr = carried & (fr != of) if l0 else np.zeros(ln, dtype=bool)
-        np.subtract.at(self.nreal, o["frame"][removed], 1)
-        np.subtract.at(self.nreal, o["frame"][src[refr]], 1)
-        np.add.at(self.nreal, fr[~carried | refr], 1)
+        np.subtract.at(self.nreal, nreal_out, 1)
+        np.add.at(self.nreal, ifr[~carried | refr], 1)
         self._fresh.append(uid[~carried | refr])
         # pages entering and leaving the scope
-        d_out = np.concatenate([o["dpfi"][removed], o["dpfi"][src[moved]]])
         fresh_items = ~carried | moved
         d_in = dpfi[fresh_items]
         if len(d_out) or len(d_in):
@@ -820,8 +831,7 @@ class KsmModel:
         self.node_live = np.zeros(64, dtype=np.int64)
         self.node_pruned = np.zeros(64, dtype=bool)
         self.node_kp = np.zeros(64, dtype=np.int64)  # page id (pfi) of the node's KSM page
-        self._unpruned = np.zeros(0, dtype=np.int64)  # ids of nodes not pruned (may lag)
-        self._unpruned_new: list[int] = []
+        self.node_ovl = np.zeros(64, dtype=bool)  # counted in ``overlap``
         self.nnodes = 0
         self.nodes_of: dict[int, list[int]] = {}
         # per content
@@ -842,6 +852,8 @@ class KsmModel:
         # twice: ``overlap`` counts such nodes. Frames needed = nz + live_nodes - overlap.
         self.kp_node = np.full(max(space.ndense, 16), -1, dtype=np.int64)
         self.overlap = 0
+        self._touch_d: list[np.ndarray] = []  # page ids whose counts or content changed
+        self._touch_n: list[np.ndarray] = []  # nodes whose liveness changed
         # cursor and list of mms (ksm_mm_head order)
         self.order: list[int] = []
         self.pos = 0
@@ -919,31 +931,33 @@ class KsmModel:
         # unstable-tree entries name cells too, but also their item: _match_fast checks the uid
         # and _visit finds a moved entry by (mm, address)
 
-    def segment(self, s0: int, l0: int, c0: int, s1: int, l1: int, c1: int, src: np.ndarray,
-                removed: np.ndarray, moved: np.ndarray, old_d: np.ndarray, new_d: np.ndarray,
-                t: float) -> None:
-        """One mm was rebuilt: its items moved from cells [s0, s0+l0) to [s1, s1+l1); item i of
-        the new list carries the state of old item src[i] (-1: new). Items gone leave at once."""
-        if l0:
-            ochk = self.chk[s0:s0 + l0].copy()
-            ost = self.st[s0:s0 + l0].copy()
-            onode = self.node[s0:s0 + l0].copy()
-        else:
-            ochk = np.zeros(0, dtype=np.int64)
-            ost = np.zeros(0, dtype=np.int8)
-            onode = np.zeros(0, dtype=np.int64)
-        carried = src >= 0
+    def segment(self, s0: int, l0: int, c0: int, s1: int, l1: int, c1: int, keep: np.ndarray,
+                at: np.ndarray, isrc: np.ndarray, removed: np.ndarray, moved: np.ndarray,
+                old_d: np.ndarray, new_d: np.ndarray, t: float) -> None:
+        """One mm was rebuilt: its items move from cells [s0, s0+l0) to [s1, s1+l1). The old
+        items with ``keep`` stay as they are; the inserted ones (at positions ``at`` among the
+        kept) carry the state of old item ``isrc`` (-1: new); ``removed`` old items are gone and
+        leave at once; ``moved`` inserted items have another page id (``new_d``) than before."""
+        ochk = self.chk[s0:s0 + l0].copy()
+        ost = self.st[s0:s0 + l0].copy()
+        onode = self.node[s0:s0 + l0].copy()
         if removed.any():
             self._remove(ost[removed], onode[removed], t)
-        sc = np.where(carried, src, 0)
-        nchk = np.where(carried, ochk[sc], NEVER) if l0 else np.full(l1, NEVER, np.int64)
-        nst = (np.where(carried, ost[sc], NONE) if l0 else np.zeros(l1)).astype(np.int8)
-        nnode = np.where(carried, onode[sc], -1) if l0 else np.full(l1, -1, np.int64)
+        carried = isrc >= 0
+        sc = np.where(carried, isrc, 0)
+        if l0:
+            ichk = np.where(carried, ochk[sc], NEVER)
+            ist = np.where(carried, ost[sc], NONE).astype(np.int8)
+            inode = np.where(carried, onode[sc], -1)
+        else:
+            ichk = np.full(len(isrc), NEVER, dtype=np.int64)
+            ist = np.zeros(len(isrc), dtype=np.int8)
+            inode = np.full(len(isrc), -1, dtype=np.int64)
         # frames still needed: unmerged pages gone, new, or under another page id
         om = (ost != STABLE) & (ost != ZERO)
-        nm = (nst != STABLE) & (nst != ZERO)
+        nm = (ist != STABLE) & (ist != ZERO)
         mv = moved & nm
-        d_out = np.concatenate([old_d[removed & om], old_d[src[mv]]])
+        d_out = np.concatenate([old_d[removed & om], old_d[isrc[mv]]])
         d_in = new_d[(~carried & nm) | mv]
         if len(d_out) or len(d_in):
             u = np.unique(np.concatenate([d_out, d_in]))
@@ -951,6 +965,10 @@ class KsmModel:
             np.subtract.at(self.nun, d_out, 1)
             np.add.at(self.nun, d_in, 1)
             self.nz += int(np.count_nonzero(self.nun[u])) - int(before)
+            self._touch_d.append(u)
+        nchk = np.insert(ochk[keep], at, ichk)
+        nst = np.insert(ost[keep], at, ist)
+        nnode = np.insert(onode[keep], at, inode)
         if c0 and (s1 != s0 or l1 == 0):
             self._reset(s0, s0 + c0)
         if l1:
@@ -984,6 +1002,7 @@ class KsmModel:
         self.shared += dshared
         self.sharing += int(la.sum() - lb.sum()) - dshared
         self.live_nodes -= int(np.count_nonzero((vb > 0) & (va <= 0)))
+        self._touch_n.append(u)
         self.s_sharing.set(t, self.sharing)
 
     def update_order(self) -> None:
@@ -1057,33 +1076,54 @@ class KsmModel:
             before = np.count_nonzero(self.nun[u])
             np.add.at(self.nun, d, 1)
             self.nz += len(u) - int(before)
-        self._count_overlap()
+        self._touch_d.append(S.dpfi[ch])
+        if len(unmerged_now):
+            self._touch_n.append(self.node[unmerged_now[self.st[unmerged_now] == BROKEN]])
+        self._update_overlap()
         self.saved = S.frames_in_scope - self.nz - self.live_nodes + self.overlap
         self.s_saved.set(t, self.saved)
         self.s_sharing.set(t, self.sharing)
 
-    def _count_overlap(self) -> None:
-        """Live nodes whose KSM page still holds their content and is also the frame of pages
-        not merged yet (fork siblings): that frame is needed once."""
-        ids = self._unpruned
-        if self._unpruned_new:
-            ids = np.concatenate([ids, np.array(self._unpruned_new, dtype=np.int64)])
-            self._unpruned_new = []
-        ids = ids[~self.node_pruned[ids]]
-        self._unpruned = ids
-        live = ids[self.node_live[ids] > 0]
-        kp = self.node_kp[live]
+    def _overlaps(self, nodes: np.ndarray) -> np.ndarray:
+        """Per node: live, its KSM page still holding its content and also the frame of pages
+        not merged yet (fork siblings) - that frame is needed once, not twice."""
+        kp = self.node_kp[nodes]
         kd = np.where(kp >= 0, kp, self.S.nf - 1 - kp)
-        ok = (self.kp_node[kd] == live) & (self.nun[kd] > 0) & \
-            (self.S.pfc[kd] == self.node_c[live])
-        self.overlap = int(np.count_nonzero(ok))
+        return (self.node_live[nodes] > 0) & ~self.node_pruned[nodes] & \
+            (self.kp_node[kd] == nodes) & (self.nun[kd] > 0) & \
+            (self.S.pfc[kd] == self.node_c[nodes])
 
-    def _kp_intact(self, d: np.ndarray) -> np.ndarray:
-        """Per dense page id: is it the KSM page of a live node, still holding its content?"""
+    def count_overlap(self) -> int:
+        """``overlap`` recounted over every node (a check for the incremental count)."""
+        return int(np.count_nonzero(self._overlaps(np.arange(self.nnodes))))
+
+    def _update_overlap(self) -> None:
+        """Re-evaluate the nodes whose KSM page changed counts or content, or whose liveness
+        changed, since the last sync."""
+        parts = [x for x in self._touch_n if len(x)]
+        if self._touch_d:
+            d = np.concatenate(self._touch_d)
+            d = d[d < len(self.kp_node)]
+            n = self.kp_node[d]
+            parts.append(n[n >= 0])
+        self._touch_d, self._touch_n = [], []
+        if not parts:
+            return
+        nodes = np.unique(np.concatenate(parts))
+        now = self._overlaps(nodes)
+        self.overlap += int(now.sum()) - int(self.node_ovl[nodes].sum())
+        self.node_ovl[nodes] = now
+
+    def _uncount_kpages(self, d: np.ndarray) -> np.ndarray:
+        """The pages ``d`` have no unmerged page left: those that are a counted KSM page stop
+        overlapping (the frame stays, as a KSM page). Returns which they are."""
         n = self.kp_node[d]
         nn = np.maximum(n, 0)
-        return (n >= 0) & (self.node_live[nn] > 0) & ~self.node_pruned[nn] & \
-            (self.node_c[nn] == self.S.pfc[d])
+        hit = (n >= 0) & self.node_ovl[nn]
+        if hit.any():
+            self.node_ovl[nn[hit]] = False
+            self.overlap -= int(hit.sum())
+        return hit
 
     def close_opportunities(self, closed: np.ndarray, t: float) -> None:
         if not len(closed):
@@ -1376,8 +1416,8 @@ class KsmModel:
         freed = last & (self.nun[d] == 0)
         self.nz -= int(freed.sum())
         if freed.any():
-            kp = freed & self._kp_intact(d)  # still needed: it is a KSM page now
-            self.overlap -= int(kp.sum())
+            kp = np.zeros(len(d), dtype=bool)
+            kp[freed] = self._uncount_kpages(d[freed])  # still needed: it is a KSM page now
             freed &= ~kp
         return freed.astype(np.float64)
 
@@ -1491,9 +1531,8 @@ class KsmModel:
         self.nun[d] -= 1
         if self.nun[d] == 0:
             self.nz -= 1
-            if self._kp_intact(np.array([d]))[0]:
-                self.overlap -= 1  # still needed: it is a KSM page now
-                return 0
+            if self._uncount_kpages(np.array([d]))[0]:
+                return 0  # still needed: it is a KSM page now
             return 1
         return 0
 
@@ -1565,9 +1604,9 @@ class KsmModel:
             self.node_live = _grow(self.node_live, size, 0)
             self.node_pruned = _grow(self.node_pruned, size, False)
             self.node_kp = _grow(self.node_kp, size, 0)
+            self.node_ovl = _grow(self.node_ovl, size, False)
         self.nnodes += k
         ids = range(first, first + k)
-        self._unpruned_new.extend(ids)
         self.node_c[first:first + k] = cs
         for c, n in zip(cs.tolist(), ids, strict=True):
             lst = self.nodes_of.setdefault(c, [])
@@ -1581,7 +1620,6 @@ class KsmModel:
         if n >= len(self.node_c):
             return self._new_nodes(np.array([c], dtype=np.int64))
         self.nnodes += 1
-        self._unpruned_new.append(n)
         self.node_c[n] = c
         lst = self.nodes_of.setdefault(c, [])
         lst.append(n)
@@ -1671,11 +1709,17 @@ class KsmModel:
         self.node_kp[nodes] = S.pfi[items]
         d = S.dpfi[items]
         # a frame that was another live node's KSM page stops counting for that node
-        self.overlap -= int(np.count_nonzero(self._kp_intact(d) & (self.nun[d] > 0)))
+        prev = self.kp_node[d]
+        pc_ = np.maximum(prev, 0)
+        was = (prev >= 0) & self.node_ovl[pc_]
+        if was.any():
+            self.node_ovl[pc_[was]] = False
+            self.overlap -= int(was.sum())
         self.kp_node[d] = nodes
-        both = int(np.count_nonzero(self.nun[d] > 0))
-        self.overlap += both
-        return both
+        both = self.nun[d] > 0
+        self.node_ovl[nodes] = both
+        self.overlap += int(both.sum())
+        return int(both.sum())
 
     # -- reporting -----------------------------------------------------------------------------
     def rmap_items(self) -> int:
@@ -1914,7 +1958,6 @@ class KsmAnalysis(Analysis):
                 self.params.append(KsmParams(p.pages_to_scan, p.sleep_ms, p.max_page_sharing,
                                              p.use_zero_pages, "hinted"))
         self.scope = scope
-        self.sweeping = bool(sweep)
         self.clock_hz_arg = clock_hz
         self.start_arg = start
         self.interval = interval
@@ -1926,7 +1969,6 @@ class KsmAnalysis(Analysis):
         self.kernel: dict[str, list[tuple[int, int]]] = {}
         self.compare_rows: list[list[Any]] = []
         self.knobs: dict[str, int] = {}
-        self.notes: list[str] = []
         self.started = False
         self.t_first: float | None = None
         self.t_last = 0.0
@@ -2011,7 +2053,6 @@ class KsmAnalysis(Analysis):
 
     def _start(self, t: float) -> None:
         self.started = True
-        self.t_start_ksm = t
         for m in self.models:
             m.start(t)
 

@@ -446,7 +446,10 @@ def test_sample_trace_attribution():
                                               abs=0.01)
     check_sums(res)
     kinds = table(res, "by_kind")
-    assert next(iter(kinds)) == "file"       # the largest saving
+    # named duplicates between the two copies of each file are one of the two largest sources
+    # (anonymous duplicates between the instances the other; which leads depends on the instant)
+    assert "file" in list(kinds)[:2] and kinds["file"]["saved"] > 0.3 * s["saved"]
+    assert kinds["file"]["saved_cross"] > 0.99 * kinds["file"]["saved"]
     assert "unknown" not in kinds            # forked children: VMAs from the parent
     assert kinds["zero"]["saved"] == s["saved_zero"] > 0
     files = table(res, "by_file")

@@ -863,9 +863,7 @@ def recount(ksm: KsmAnalysis, st: ReplayState) -> list[str]:
             errs.append("live_nodes")
         if mdl.unshared != int(np.count_nonzero(st_ == 1)):
             errs.append("pages_unshared")
-        ov = mdl.overlap
-        mdl._count_overlap()
-        if ov != mdl.overlap:
+        if mdl.overlap != mdl.count_overlap():
             errs.append("overlap")
         # the ceiling keeps one frame for the zero content; merging with the zero page frees it.
         # Below zero: a KSM page can cost a frame while the fork sibling of a merged page still
