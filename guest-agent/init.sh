@@ -1,7 +1,8 @@
 #!/bin/sh
 # memtrace guest /init (busybox sh). Reads its settings from the kernel command line:
 #   memtrace.scenario=NAME memtrace.n=N memtrace.mailbox_phys=ADDR memtrace.mailbox_size=SIZE
-#   memtrace.agent=0 (do not load the agent)  memtrace.dump_wait_ms=MS  memtrace.shell=1
+#   memtrace.agent=0 (do not load the agent)  memtrace.dump_wait_ms=MS  memtrace.clock_ms=MS
+#   memtrace.shell=1
 # When mailbox_phys/size are absent they are taken from memmap=SIZE$PHYS.
 export PATH=/bin:/usr/bin
 /bin/busybox mount -t proc proc /proc
@@ -41,11 +42,12 @@ esac
 PHYS=$(tobytes "$PHYS")
 SIZE=$(tobytes "$SIZE")
 WAIT=$(param memtrace.dump_wait_ms "")
+CLOCK=$(param memtrace.clock_ms "")
 
 echo "MEMTRACE-INIT kernel=$(uname -r) scenario=$SCEN n=$N mailbox_phys=$PHYS mailbox_size=$SIZE"
 if [ "$(param memtrace.agent 1)" = 1 ]; then
 	insmod /lib/modules/memtrace_agent.ko mailbox_phys=$PHYS mailbox_size=$SIZE \
-		${WAIT:+dump_wait_ms=$WAIT}
+		${WAIT:+dump_wait_ms=$WAIT} ${CLOCK:+clock_ms=$CLOCK}
 	echo "MEMTRACE-AGENT-LOADED rc=$?"
 fi
 export PYTHONHASHSEED=0 HOME=/root

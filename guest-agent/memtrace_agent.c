@@ -39,6 +39,8 @@
 #include <linux/ptrace.h>
 #include <linux/fs_struct.h>
 #include <linux/path.h>
+#include <linux/timer.h>
+#include <linux/timekeeping.h>
 #include <generated/utsrelease.h>
 
 /* ------------------------------------------------------------------ protocol */
@@ -148,6 +150,10 @@ MODULE_PARM_DESC(dump_wait_ms,
 static char *dump_fs = "tmpfs,ramfs,devtmpfs";
 module_param(dump_fs, charp, 0444);
 MODULE_PARM_DESC(dump_fs, "file system types whose page cache the state dump walks");
+static unsigned int clock_ms;
+module_param(clock_ms, uint, 0444);
+MODULE_PARM_DESC(clock_ms, "emit COUNTER guest.clock_ns every this many ms from load (0: off; "
+		 "'clock MS' in /proc/memtrace changes it)");
 
 /* ------------------------------------------------------------------ ring */
 
@@ -578,6 +584,51 @@ static int mta_mprot_ret(struct kretprobe_instance *ri, struct pt_regs *regs)
 	return 0;
 }
 
+/*
+ * int ksm_madvise(vma, start, end, advice, unsigned long *vm_flags): called by madvise() for
+ * MADV_MERGEABLE / MADV_UNMERGEABLE on each VMA of the range (start, end clipped to it), with
+ * the mmap_lock held for write; it sets or clears VM_MERGEABLE in *vm_flags, which
+ * madvise_update_vma() then applies to [start, end). Reported as VMA PROTECT with the new flags
+ * when they changed (6.1 has no prctl(PR_SET_MEMORY_MERGE)).
+ */
+struct mta_madv_data {
+	unsigned long *flagsp;
+	unsigned long old;
+	struct mta_vma e;
+};
+
+static int mta_madv_entry(struct kretprobe_instance *ri, struct pt_regs *regs)
+{
+	struct mta_madv_data *d = (void *)ri->data;
+	struct vm_area_struct *vma = (struct vm_area_struct *)regs->di;
+
+	d->flagsp = (unsigned long *)regs->r8;
+	d->old = d->flagsp ? *d->flagsp : 0;
+	memset(&d->e, 0, sizeof(d->e));
+	d->e.op = VMA_PROTECT;
+	d->e.mm = (u64)(unsigned long)vma->vm_mm;
+	d->e.start = regs->si;
+	d->e.end = regs->dx;
+	d->e.pgoff = vma->vm_pgoff + ((regs->si - vma->vm_start) >> PAGE_SHIFT);
+	mta_file_id(vma->vm_file, &d->e.dev, &d->e.ino, NULL, 0);
+	return 0;
+}
+
+static int mta_madv_ret(struct kretprobe_instance *ri, struct pt_regs *regs)
+{
+	struct mta_madv_data *d = (void *)ri->data;
+	unsigned long now;
+
+	if (regs_return_value(regs) != 0 || !d->flagsp || mta_skip_vma_event())
+		return 0;
+	now = READ_ONCE(*d->flagsp);
+	if (now == d->old)
+		return 0;
+	d->e.vm_flags = now;
+	mta_emit(MT_VMA, current->pid, &d->e, sizeof(d->e), "");
+	return 0;
+}
+
 /* __x64_sys_brk(const struct pt_regs *uregs): report the break when it moved */
 struct mta_brk_data {
 	unsigned long old;
@@ -702,6 +753,7 @@ static struct mta_krp mta_krps[] = {
 	MT_KRP("__x64_sys_brk", mta_brk_entry, mta_brk_ret, mta_brk_data, true),
 	MT_KRP("__x64_sys_mremap", mta_mremap_entry, mta_mremap_ret, mta_mremap_data, true),
 	MT_KRP("shmem_add_to_page_cache", mta_shmem_entry, mta_shmem_ret, mta_shmem_data, true),
+	MT_KRP("ksm_madvise", mta_madv_entry, mta_madv_ret, mta_madv_data, false),
 };
 
 /* ------------------------------------------------------------------ state dump */
@@ -880,6 +932,47 @@ static void mta_state_dump(void)
 		d.events, d.pages, d.inodes, d.sbs, d.gave_up ? " (ring full, some dropped)" : "");
 }
 
+/* ------------------------------------------------------------------ guest clock */
+
+/*
+ * The trace's clock is retired guest instructions, which stand still while the guest idles;
+ * the guest's own time (CLOCK_MONOTONIC, which jiffies and every sleep follow) goes into the
+ * trace as COUNTER guest.clock_ns, once when switched on and then every mta_clock_ms from a
+ * timer, so that analyses can map trace time to guest time.
+ */
+#define MT_CLOCK_COUNTER "guest.clock_ns"
+static struct timer_list mta_clock_timer;
+static unsigned int mta_clock_ms;
+
+static void mta_clock_emit(void)
+{
+	struct mta_counter e = { 0 };
+
+	e.value = ktime_get_ns();
+	mta_emit(MT_COUNTER, 0, &e, sizeof(e), MT_CLOCK_COUNTER);
+}
+
+static void mta_clock_fn(struct timer_list *t)
+{
+	unsigned int ms = READ_ONCE(mta_clock_ms);
+
+	if (!ms)
+		return;
+	mta_clock_emit();
+	mod_timer(&mta_clock_timer, jiffies + max(1UL, msecs_to_jiffies(ms)));
+}
+
+static void mta_clock_set(unsigned int ms)
+{
+	WRITE_ONCE(mta_clock_ms, ms);
+	if (!ms) {
+		del_timer_sync(&mta_clock_timer);
+		return;
+	}
+	mta_clock_emit();
+	mod_timer(&mta_clock_timer, jiffies + max(1UL, msecs_to_jiffies(ms)));
+}
+
 /* ------------------------------------------------------------------ /proc/memtrace */
 
 static ssize_t mta_proc_write(struct file *file, const char __user *ubuf, size_t count,
@@ -918,6 +1011,12 @@ static ssize_t mta_proc_write(struct file *file, const char __user *ubuf, size_t
 			return -EINVAL;
 		e.value = (u64)v;
 		mta_emit(MT_COUNTER, current->pid, &e, sizeof(e), strim(arg));
+	} else if (!strcmp(cmd, "clock") && arg && *arg) {
+		unsigned int ms;
+
+		if (kstrtouint(arg, 0, &ms) || ms > 60000)
+			return -EINVAL;
+		mta_clock_set(ms);
 	} else {
 		return -EINVAL;
 	}
@@ -934,6 +1033,7 @@ static int mta_proc_show(struct seq_file *m, void *v)
 		   READ_ONCE(mta_ctrl->tail), READ_ONCE(mta_dropped), READ_ONCE(mta_seq));
 	seq_printf(m, "skipped_in_exec %lld\ntrylock_fail %lld\n",
 		   atomic64_read(&mta_stat_skipped_exec), atomic64_read(&mta_stat_trylock_fail));
+	seq_printf(m, "clock_ms %u\n", READ_ONCE(mta_clock_ms));
 	for (i = 0; i < ARRAY_SIZE(mta_tps); i++)
 		seq_printf(m, "hook tracepoint %s %s\n", mta_tps[i].name,
 			   mta_tps[i].tp ? "ok" : "missing");
@@ -1025,6 +1125,7 @@ static int __init mta_init(void)
 		       UTS_RELEASE, utsname()->release);
 		return -EINVAL;
 	}
+	timer_setup(&mta_clock_timer, mta_clock_fn, 0);
 	ret = mta_ring_init();
 	if (ret)
 		return ret;
@@ -1063,6 +1164,8 @@ static int __init mta_init(void)
 		UTS_RELEASE, mailbox_phys, mailbox_size, mta_nslots, ARRAY_SIZE(mta_tps),
 		ARRAY_SIZE(mta_krps));
 	mta_state_dump();
+	if (clock_ms)
+		mta_clock_set(min(clock_ms, 60000U));
 	return 0;
 fail:
 	mta_unregister_all();
@@ -1076,6 +1179,8 @@ static void __exit mta_exit(void)
 	int i;
 
 	proc_remove(mta_proc);
+	WRITE_ONCE(mta_clock_ms, 0);
+	del_timer_sync(&mta_clock_timer);
 	mta_unregister_all();
 	WRITE_ONCE(mta_ready, false);
 	synchronize_rcu();
