@@ -938,9 +938,11 @@ static void mta_state_dump(void)
  * The trace's clock is retired guest instructions, which stand still while the guest idles;
  * the guest's own time (CLOCK_MONOTONIC, which jiffies and every sleep follow) goes into the
  * trace as COUNTER guest.clock_ns, once when switched on and then every mta_clock_ms from a
- * timer, so that analyses can map trace time to guest time.
+ * timer, so that analyses can map trace time to guest time. Switching it on also reports HZ
+ * (COUNTER guest.hz).
  */
 #define MT_CLOCK_COUNTER "guest.clock_ns"
+#define MT_HZ_COUNTER "guest.hz"
 static struct timer_list mta_clock_timer;
 static unsigned int mta_clock_ms;
 
@@ -968,6 +970,12 @@ static void mta_clock_set(unsigned int ms)
 	if (!ms) {
 		del_timer_sync(&mta_clock_timer);
 		return;
+	}
+	if (!timer_pending(&mta_clock_timer)) {
+		/* the tick rate too: kernel sleeps (ksmd's) are whole jiffies */
+		struct mta_counter e = { .value = HZ };
+
+		mta_emit(MT_COUNTER, 0, &e, sizeof(e), MT_HZ_COUNTER);
 	}
 	mta_clock_emit();
 	mod_timer(&mta_clock_timer, jiffies + max(1UL, msecs_to_jiffies(ms)));

@@ -16,6 +16,16 @@ echo 0 > $K/run
 echo "$P" > $K/pages_to_scan
 echo "$SLEEP" > $K/sleep_millisecs
 mkdir -p /tmp/ksm
+# ksmd's CPU time (schedstat, ns) goes with the counters: what its scanning costs in guest time
+KSMD=
+for d in /proc/[0-9]*; do
+	read c < $d/comm 2>/dev/null && [ "$c" = ksmd ] && KSMD=${d#/proc/}
+done
+ksmd_time() {
+	# schedstat: time on the CPU (ns), time runnable but waiting (ns), times scheduled in
+	[ -n "$KSMD" ] && read a b c < /proc/$KSMD/schedstat && mt "counter ksm.ksmd_runtime_ns $a" &&
+		mt "counter ksm.ksmd_delay_ns $b" && mt "counter ksm.ksmd_slices $c"
+}
 rm -f /tmp/ksm/*
 mt start
 [ "$CLOCK" -gt 0 ] && mt "clock $CLOCK"
@@ -35,6 +45,7 @@ read up _ < /proc/uptime
 end=$(( ${up%.*} * 100 + 1${up#*.} - 100 + SECS * 100 ))
 while :; do
 	ksm_counters
+	ksmd_time
 	read up _ < /proc/uptime
 	[ $(( ${up%.*} * 100 + 1${up#*.} - 100 )) -ge "$end" ] && break
 	sleep "$SAMPLE"
