@@ -127,6 +127,10 @@ RMAP_ITEM_BYTES = 64  # sizeof(struct ksm_rmap_item) on x86-64
 DEFAULT_CLOCK_HZ = 1_000_000_000
 #: a recorder's estimate of clock units per second, written at the end of a recording
 CLOCK_COUNTER = "tracer.clock_hz"
+#: the guest's CLOCK_MONOTONIC in ns, written by the guest agent every few ms (``clock MS``)
+GUEST_CLOCK_COUNTER = "guest.clock_ns"
+#: the guest kernel's HZ, written by the guest agent with its first clock counter
+GUEST_HZ_COUNTER = "guest.hz"
 KERNEL_PREFIX = "ksm."
 COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "full_scans",
             "general_profit", "ksm_zero_pages")
@@ -190,6 +194,79 @@ class Series:
 
     def integral(self, t: float) -> float:
         return self.area + self.v * max(0.0, t - self.t)
+
+
+def cycle_ms(sleep_ms: float, tick_hz: int) -> Fraction:
+    """Guest milliseconds from one ksmd batch to the next in a kernel ticking at ``tick_hz``.
+
+    ``ksm_scan_thread`` sleeps ``msecs_to_jiffies(sleep_millisecs)`` jiffies (rounded up), and
+    the timer wheel never fires early: ``calc_index`` puts a timer in the bucket one jiffy after
+    its expiry, so a timer armed during jiffy j with a timeout of J fires at the start of jiffy
+    j + J + 1. ksmd wakes on a tick, scans (about 1 ms for 100 pages under TCG) and sleeps
+    again within the same jiffy, so batches are ``J + 1`` jiffies apart: 56 ms for 50 ms at
+    HZ=250, 24 ms for 20 ms. ``tick_hz`` 0: exactly ``sleep_ms``.
+    """
+    ms = Fraction(str(sleep_ms))
+    if tick_hz <= 0:
+        return ms
+    j = math.ceil(ms * tick_hz / 1000)
+    return Fraction((j + 1) * 1000, tick_hz)
+
+
+class GuestClock:
+    """Trace time <-> guest seconds.
+
+    A recorded trace's clock is retired guest instructions, which stand still while the guest
+    idles and run up to ten times faster while it computes, whereas ksmd sleeps in guest time
+    (jiffies). With the guest agent's ``guest.clock_ns`` counters in the trace the map is
+    piecewise linear through them (one knot per distinct trace time, at the latest guest time
+    drained then: the agent's events reach the trace when the tracer drains the mailbox, at
+    once when the guest idles, at the next epoch end while it computes); outside the knots,
+    and without any, guest time advances by one second per ``hz`` clock units.
+    """
+
+    def __init__(self, hz: float, t: np.ndarray | None = None, g: np.ndarray | None = None
+                 ) -> None:
+        self.hz = float(hz)
+        self.t = np.zeros(0) if t is None else np.asarray(t, dtype=np.float64)
+        self.g = np.zeros(0) if g is None else np.asarray(g, dtype=np.float64)
+        if len(self.t):
+            order = np.argsort(self.t, kind="stable")
+            t, g = self.t[order], np.maximum.accumulate(self.g[order])
+            last = np.r_[t[1:] != t[:-1], True]  # one knot per trace time: the latest
+            t, g = t[last], g[last]
+            keep = np.r_[True, g[1:] > g[:-1]]   # a guest time that did not move: first one
+            self.t, self.g = t[keep], g[keep]
+
+    @property
+    def knots(self) -> int:
+        return len(self.t)
+
+    def guest(self, t: Any) -> Any:
+        """Guest seconds at trace time ``t`` (scalar or array)."""
+        if not len(self.t):
+            return np.asarray(t, dtype=np.float64) / self.hz if isinstance(t, np.ndarray) \
+                else float(t) / self.hz
+        x = np.asarray(t, dtype=np.float64)
+        y = np.interp(x, self.t, self.g)
+        y = np.where(x < self.t[0], self.g[0] - (self.t[0] - x) / self.hz, y)
+        y = np.where(x > self.t[-1], self.g[-1] + (x - self.t[-1]) / self.hz, y)
+        return y if isinstance(t, np.ndarray) else float(y)
+
+    def trace(self, g: Any) -> Any:
+        """Trace time at guest seconds ``g`` (scalar or array): the inverse of ``guest``."""
+        if not len(self.t):
+            return np.asarray(g, dtype=np.float64) * self.hz if isinstance(g, np.ndarray) \
+                else float(g) * self.hz
+        x = np.asarray(g, dtype=np.float64)
+        y = np.interp(x, self.g, self.t)
+        y = np.where(x < self.g[0], self.t[0] - (self.g[0] - x) * self.hz, y)
+        y = np.where(x > self.g[-1], self.t[-1] + (x - self.g[-1]) * self.hz, y)
+        return y if isinstance(g, np.ndarray) else float(y)
+
+    def span(self, a: Any, b: Any) -> Any:
+        """Guest seconds from trace time ``a`` to ``b``."""
+        return self.guest(b) - self.guest(a)
 
 
 def cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
@@ -812,12 +889,19 @@ class KsmModel:
     """One instance of KSM with one parameter set, over the shared items."""
 
     def __init__(self, params: KsmParams, space: ItemSpace, hz: float, t0: float,
-                 zero_cid: int, every_scan: bool = False) -> None:
+                 zero_cid: int, every_scan: bool = False, clock: GuestClock | None = None,
+                 tick_hz: int = 0) -> None:
         self.p = params
         self.S = space
         self.zero = zero_cid
-        self.period = Fraction(str(params.sleep_ms)) * Fraction(hz) / 1000
+        self.hz = float(hz)
+        cyc = cycle_ms(params.sleep_ms, tick_hz)  # guest ms between batches
+        self.period = cyc * Fraction(hz) / 1000
         self.period_f = float(self.period)
+        # with the guest's own clock in the trace, batches are placed in guest time
+        self.clock = clock if clock is not None and clock.knots else None
+        self.period_s = float(cyc) / 1000.0
+        self.g_origin = 0.0
         self.origin: float | None = None
         self.k = 0          # next batch index
         self.used = 0       # pages of batch k already used
@@ -896,21 +980,43 @@ class KsmModel:
         if self.origin is None:
             self.origin = t
             self.k = 0
+            if self.clock is not None:
+                self.g_origin = self.clock.guest(t)
 
     def k_first(self, t: float) -> int:
         """Index of the first batch at or after ``t``."""
         if self.origin is None:
             return 0
+        if self.clock is not None:
+            x = (self.clock.guest(t) - self.g_origin) / self.period_s
+            return max(0, math.ceil(x - 1e-9))
         return max(0, math.ceil((Fraction(t) - Fraction(self.origin)) / self.period))
 
     def k_after(self, t: float) -> int:
         """Index of the first batch strictly after ``t``."""
         if self.origin is None:
             return 0
+        if self.clock is not None:
+            x = (self.clock.guest(t) - self.g_origin) / self.period_s
+            return max(0, math.floor(x + 1e-9) + 1)
         return max(0, math.floor((Fraction(t) - Fraction(self.origin)) / self.period) + 1)
 
     def batch_time(self, k: int | np.ndarray) -> Any:
+        if self.clock is not None:
+            return self.clock.trace(self.g_origin + k * self.period_s)
         return self.origin + k * self.period_f
+
+    def later(self, t: float) -> float:
+        """Trace time one sleep period (of guest time) after ``t``."""
+        if self.clock is not None:
+            return self.clock.trace(self.clock.guest(t) + self.period_s)
+        return t + self.period_f
+
+    def seconds(self, a: Any, b: Any) -> Any:
+        """Guest seconds from trace time ``a`` to ``b`` (scalars or arrays)."""
+        if self.clock is not None:
+            return self.clock.span(a, b)
+        return (b - a) / self.hz
 
     # -- layout changes -------------------------------------------------------------------------
     def grow(self, cap: int) -> None:
@@ -1131,12 +1237,12 @@ class KsmModel:
         self.merged_gen = _grow(self.merged_gen, int(closed.max()) + 1, -1)
         miss = closed[self.merged_gen[closed] != self.S.opp_gen[closed]]
         self.missed += len(miss)
-        self.missed_time += float((t - self.S.opp_start[miss]).sum())
+        self.missed_time += float(np.sum(self.seconds(self.S.opp_start[miss], float(t))))
 
     def _merged_content(self, c: int, tau: float) -> None:
         S = self.S
         if c < len(S.opp_start) and S.opp_start[c] >= 0 and self.merged_gen[c] != S.opp_gen[c]:
-            self.latencies.append(tau - S.opp_start[c])
+            self.latencies.append(float(self.seconds(float(S.opp_start[c]), float(tau))))
             self.merged_gen[c] = S.opp_gen[c]
 
     def _merged_contents(self, cs: np.ndarray, taus: np.ndarray) -> None:
@@ -1150,7 +1256,7 @@ class KsmModel:
         first = one_of_each(cs[::-1], self._content_scratch(len(self.merged_gen)))[::-1]
         self._cscratch[cs] = 0
         cs, taus = cs[first], taus[first]
-        self.latencies.extend((taus - S.opp_start[cs]).tolist())
+        self.latencies.extend(np.atleast_1d(self.seconds(S.opp_start[cs], taus)).tolist())
         self.merged_gen[cs] = S.opp_gen[cs]
 
     # -- scanning ---------------------------------------------------------------------------
@@ -1750,7 +1856,6 @@ class HintedModel(KsmModel):
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self.queue: deque[tuple[float, np.ndarray]] = deque()
-        self.settle = self.period_f
         self.hint_budget = max(1, self.p.pages_to_scan // 2)
         self.hinted_pages = 0
 
@@ -1766,14 +1871,14 @@ class HintedModel(KsmModel):
     def _linear_limit(self, kend: int) -> int:
         if not self.queue or self.used:
             return kend
-        return min(kend, max(self.k, self.k_first(self.queue[0][0] + self.settle)))
+        return min(kend, max(self.k, self.k_first(self.later(self.queue[0][0]))))
 
     def _pop(self, tau: float) -> np.ndarray:
         """Up to half a batch of settled hinted pages still worth scanning, oldest first."""
         S = self.S
         out: list[np.ndarray] = []
         need = self.hint_budget
-        while need > 0 and self.queue and self.queue[0][0] + self.settle <= tau:
+        while need > 0 and self.queue and self.later(self.queue[0][0]) <= tau:
             t, uids = self.queue.popleft()
             idx = S.uid_index[uids[uids < len(S.uid_index)]]
             idx = idx[idx >= 0]
@@ -1910,6 +2015,13 @@ class KsmAnalysis(Analysis):
         g.add_argument("--ksm-clock-hz", type=_positive_float, default=None, metavar="HZ",
                        help="clock units per guest second (default: the trace header's "
                             "clock_hz, its tracer.clock_hz counter, or 1e9)")
+        g.add_argument("--ksm-hz", type=int, default=None, metavar="HZ",
+                       help="the guest kernel's tick rate: ksmd sleeps whole jiffies, one more "
+                            "than sleep_millisecs rounded up (default: the trace's guest.hz "
+                            "counter; 0: batches exactly sleep_ms apart)")
+        g.add_argument("--ksm-no-guest-clock", action="store_true",
+                       help="ignore the guest's own clock (COUNTER guest.clock_ns) and convert "
+                            "trace time to guest time with clock_hz alone")
         g.add_argument("--ksm-start", type=parse_start, default=None, metavar="T|phase:NAME",
                        help="ksmd starts at this time (clock units) or at the first MARK PHASE "
                             "NAME (default: the start of the trace)")
@@ -1933,6 +2045,8 @@ class KsmAnalysis(Analysis):
                    use_zero_pages=args.ksm_use_zero_pages, scope=args.ksm_scope,
                    sweep=args.ksm_sweep, hints=not args.ksm_no_hints,
                    clock_hz=args.ksm_clock_hz, start=args.ksm_start,
+                   guest_clock=not getattr(args, "ksm_no_guest_clock", False),
+                   tick_hz=getattr(args, "ksm_hz", None),
                    interval=getattr(args, "interval", None), every_scan=args.ksm_every_scan,
                    plot=plot)
 
@@ -1941,7 +2055,8 @@ class KsmAnalysis(Analysis):
                  scope: str = "madvised", sweep: list[tuple[int, float]] | None = None,
                  hints: bool = True, clock_hz: float | None = None, start: str | None = None,
                  interval: int | None = None, every_scan: bool = False,
-                 plot: str | None = None) -> None:
+                 plot: str | None = None, guest_clock: bool = True,
+                 tick_hz: int | None = None) -> None:
         if scope not in ("madvised", "anon"):
             raise ValueError(f"scope must be madvised or anon, not {scope!r}")
         base = KsmParams(pages_to_scan, float(sleep_ms), max_page_sharing, use_zero_pages)
@@ -1959,6 +2074,10 @@ class KsmAnalysis(Analysis):
                                              p.use_zero_pages, "hinted"))
         self.scope = scope
         self.clock_hz_arg = clock_hz
+        self.guest_clock = guest_clock
+        self.tick_hz_arg = tick_hz
+        self.trace_tick_hz: int | None = None
+        self.gclock = GuestClock(float(clock_hz or DEFAULT_CLOCK_HZ))
         self.start_arg = start
         self.interval = interval
         self.every_scan = every_scan
@@ -1968,6 +2087,8 @@ class KsmAnalysis(Analysis):
         self.samples: list[list[Any]] = []
         self.kernel: dict[str, list[tuple[int, int]]] = {}
         self.compare_rows: list[list[Any]] = []
+        self.phase = ""  # the latest MARK PHASE
+        self.start_phase: str | None = None  # the phase in force when ksmd started
         self.knobs: dict[str, int] = {}
         self.started = False
         self.t_first: float | None = None
@@ -1979,6 +2100,55 @@ class KsmAnalysis(Analysis):
 
     # -- set-up ------------------------------------------------------------------------------
     def _clock(self, replay: Replay) -> tuple[float, str]:
+        """Clock units per guest second (and where that came from); also reads the guest's
+        own clock from the trace into ``self.gclock``."""
+        hz, source = self._clock_rate(replay)
+        self.gclock = GuestClock(hz)
+        if self.guest_clock or self.tick_hz_arg is None:
+            clock = self._read_guest_clock(replay.trace, hz)
+            if self.guest_clock:
+                self.gclock = clock
+        return hz, source
+
+    @property
+    def tick_hz(self) -> int:
+        """The guest's HZ the model's sleeps are rounded with (0: not rounded)."""
+        if self.tick_hz_arg is not None:
+            return max(0, self.tick_hz_arg)
+        return self.trace_tick_hz or 0
+
+    def _read_guest_clock(self, tr: Any, hz: float) -> GuestClock:
+        """The trace's ``guest.clock_ns`` counters, each at the trace time it was recorded. A
+        pass over the chunks before the replay (chunks without the name are skipped after
+        decompression): batches must be placed before the replay reaches them."""
+        ts: list[int] = []
+        gs: list[int] = []
+        t = tr.t_begin
+        for info in tr.chunks:
+            try:
+                ch = tr.read_chunk(info)
+            except Exception:  # noqa: BLE001 - the replay reports a damaged chunk
+                break
+            if GUEST_CLOCK_COUNTER not in ch.strings and GUEST_HZ_COUNTER not in ch.strings:
+                t = max(t, info.t_last)
+                continue
+            for kind, rec in ch.blocks:
+                if kind == Kind.TIME and len(rec):
+                    t = int(rec["t"][-1])
+                elif kind == Kind.COUNTER:
+                    for name_id, _pad, value in rec.tolist():
+                        name = ch.string(name_id)
+                        if name == GUEST_CLOCK_COUNTER:
+                            ts.append(t)
+                            gs.append(int(value))
+                        elif name == GUEST_HZ_COUNTER and int(value) > 0:
+                            self.trace_tick_hz = int(value)
+        if len(ts) < 2:
+            return GuestClock(hz)
+        g = np.array(gs, dtype=np.float64)
+        return GuestClock(hz, np.array(ts, dtype=np.float64), (g - g[0]) / 1e9)
+
+    def _clock_rate(self, replay: Replay) -> tuple[float, str]:
         tr = replay.trace
         if self.clock_hz_arg:
             return float(self.clock_hz_arg), "--ksm-clock-hz"
@@ -2043,7 +2213,8 @@ class KsmAnalysis(Analysis):
         self.s_global = Series(t0)
         for p in self.params:
             cls = HintedModel if p.scanner == "hinted" else KsmModel
-            m = cls(p, self.space, self.hz, t0, st.zero_cid, self.every_scan)
+            m = cls(p, self.space, self.hz, t0, st.zero_cid, self.every_scan, self.gclock,
+                    self.tick_hz)
             self.models.append(m)
             self.space.models.append(m)
         if self.start_arg is None:
@@ -2053,6 +2224,7 @@ class KsmAnalysis(Analysis):
 
     def _start(self, t: float) -> None:
         self.started = True
+        self.start_phase = self.phase
         for m in self.models:
             m.start(t)
 
@@ -2084,6 +2256,8 @@ class KsmAnalysis(Analysis):
             self.space.dirty.update(np.unique(records["mm"]).tolist())
         elif kind == Kind.MARK:
             for op, name, arg in records.tolist():
+                if op == MarkOp.PHASE:
+                    self.phase = chunk.string(name) or ""
                 if op == MarkOp.STATE_BEGIN and arg & 1:
                     self.space.all_dirty = True
                 elif (op == MarkOp.PHASE and not self.started and self.start_arg
@@ -2105,7 +2279,8 @@ class KsmAnalysis(Analysis):
                 self.kernel.setdefault(key, []).append((st.t, int(value)))
                 if key in COUNTERS and self.models:
                     model = self.models[0].counters(self.page_size)[key]
-                    self.compare_rows.append([st.t, key, int(value), model, model - int(value)])
+                    self.compare_rows.append([st.t, key, int(value), model, model - int(value),
+                                              round(self.gclock.guest(st.t), 6), self.phase])
 
     def _sample(self, st: ReplayState, s: float) -> None:
         if not self.models:
@@ -2134,7 +2309,7 @@ class KsmAnalysis(Analysis):
         ceil_area = self.s_ceiling.integral(t1) if self.s_ceiling else 0.0
         glob_area = self.s_global.integral(t1) if self.s_global else 0.0
         saved_area = m.s_saved.integral(t1)
-        lat = [x / self.hz for x in m.latencies]
+        lat = list(m.latencies)
         return {
             "pages_sharing_mean": m.s_sharing.integral(t1) / dur if dur > 0 else float(m.sharing),
             "saved_mean": saved_area / dur if dur > 0 else float(m.saved),
@@ -2168,7 +2343,11 @@ class KsmAnalysis(Analysis):
         summ["clock_hz"] = self.hz
         units["clock_hz"] = f"{unit}/s"
         summ["clock_hz_source"] = self.hz_source
-        summ["guest_seconds"] = round(dur / self.hz, 6)
+        summ["guest_clock_knots"] = self.gclock.knots
+        summ["guest_hz"] = self.tick_hz or None
+        summ["batch_cycle_ms"] = round(float(cycle_ms(p.sleep_ms, self.tick_hz)), 3)
+        units["batch_cycle_ms"] = "ms"
+        summ["guest_seconds"] = round(self.gclock.span(t0, t1), 6)
         units["guest_seconds"] = "s"
         if not self.started:
             r.notes.append(f"ksmd never started: {self.start_arg} was not found in the trace")
@@ -2197,7 +2376,7 @@ class KsmAnalysis(Analysis):
         summ["opportunities"] = self.space.opportunities
         summ["opportunities_merged"] = ms["merged_opportunities"]
         summ["opportunities_missed"] = m.missed
-        summ["missed_page_seconds"] = round(m.missed_time / self.hz, 6)
+        summ["missed_page_seconds"] = round(m.missed_time, 6)
         units["missed_page_seconds"] = "content*s"
         for k, out in (("latency_median_s", "latency_median"), ("latency_p90_s", "latency_p90")):
             v = ms[k]
@@ -2273,11 +2452,20 @@ class KsmAnalysis(Analysis):
         if not self.kernel:
             return
         r.tables["kernel_vs_model"] = Table(
-            ["t", "counter", "kernel", "model", "model_minus_kernel"], self.compare_rows,
+            ["t", "counter", "kernel", "model", "model_minus_kernel", "guest_s", "phase"],
+            self.compare_rows,
             f"real kernel counters (COUNTER ksm.*) against the model {self.models[0].p.label} "
-            "at the same instants")
+            "at the same instants (guest_s: guest seconds)")
+        # "final" is the last sample while ksmd ran over the workload: the last one of the
+        # phase ksmd was started in (--ksm-start phase:NAME), else the last one of the trace;
+        # samples after it (the workload exiting) are in the table but not judged
+        t0 = self.models[0].origin if self.models[0].origin is not None else -math.inf
+        judged = [x for x in self.compare_rows if x[0] >= t0]
+        if self.start_phase:
+            judged = [x for x in judged if x[6] == self.start_phase]
+            r.summary["final_sample_phase"] = self.start_phase
         last: dict[str, list[Any]] = {}
-        for row in self.compare_rows:
+        for row in judged:
             last[row[1]] = row
         for key in ("pages_sharing", "pages_shared", "full_scans"):
             row = last.get(key)
@@ -2287,11 +2475,16 @@ class KsmAnalysis(Analysis):
             r.summary[f"model_at_kernel_final_{key}"] = row[3]
             r.summary[f"relative_error_final_{key}"] = round((row[3] - row[2]) / row[2], 4) \
                 if row[2] else None
-        ps_rows = [x for x in self.compare_rows if x[1] == "pages_sharing"]
+        ps_rows = [x for x in judged if x[1] == "pages_sharing"]
         if ps_rows:
             r.summary["pages_sharing_mean_abs_error"] = round(
                 float(np.mean([abs(x[4]) for x in ps_rows])), 3)
             r.units["pages_sharing_mean_abs_error"] = "pages"
+            r.summary["pages_sharing_samples"] = len(ps_rows)
+            if self.start_phase:
+                r.notes.append(f"kernel_final_* and the mean error: the {len(ps_rows)} counter "
+                               f"samples of phase {self.start_phase!r} (ksmd started in it); "
+                               "later samples are in the table only")
         p = self.models[0].p
         for knob, attr in KNOBS.items():
             if knob in self.knobs:
@@ -2307,8 +2500,19 @@ class KsmAnalysis(Analysis):
                            "phase:NAME to start the model with it")
 
     def _notes(self, r: Result) -> None:
-        r.notes.append(f"guest time from clock_hz = {self.hz:g} {self.replay.trace.clock_unit}/s "
-                       f"({self.hz_source})")
+        if self.gclock.knots:
+            r.notes.append(f"guest time from the guest's own clock ({self.gclock.knots} "
+                           f"{GUEST_CLOCK_COUNTER} counters, interpolated; clock_hz = "
+                           f"{self.hz:g} {self.replay.trace.clock_unit}/s outside them)")
+        else:
+            r.notes.append(f"guest time from clock_hz = {self.hz:g} "
+                           f"{self.replay.trace.clock_unit}/s ({self.hz_source})")
+        if self.tick_hz:
+            sleep = self.models[0].p.sleep_ms if self.models else 0.0
+            r.notes.append(f"ksmd's sleep in whole jiffies (HZ={self.tick_hz}): batches "
+                           f"{float(cycle_ms(sleep, self.tick_hz)):g} ms apart for "
+                           f"sleep_millisecs={sleep:g} (rounded up, plus the jiffy the timer "
+                           "wheel adds)")
         if self.clock_counter and self.hz_source != "tracer.clock_hz counter" and \
                 abs(self.clock_counter - self.hz) > 0.01 * self.hz:
             r.notes.append(f"the trace's tracer.clock_hz counter says {self.clock_counter}; "
@@ -2348,7 +2552,7 @@ class KsmAnalysis(Analysis):
         ps = self.page_size
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
         s = r.tables["series"]
-        t = [(row[0] - (self.t_first or 0)) / self.hz for row in s.rows]
+        t = [self.gclock.span(self.t_first or 0, row[0]) for row in s.rows]
         ci = s.columns.index
         a1.plot(t, [pages_to_mib(row[ci("scope_oracle")], ps) for row in s.rows], "k--",
                 label="oracle (scope)", drawstyle="steps-post")
