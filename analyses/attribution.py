@@ -156,8 +156,7 @@ class FrozenState:
 
 
 def freeze(st: ReplayState, t: int | None = None) -> FrozenState:
-    spaces = {mm: AddressSpace(mm, dict(sp.pages), {}, dict(sp.vmas), set(sp.pids), sp.had_tasks)
-              for mm, sp in st.spaces.items() if sp.pages or sp.vmas}
+    spaces = {mm: sp.freeze() for mm, sp in st.spaces.items() if sp.npages or sp.vmas}
     return FrozenState(st.t if t is None else t, st.page_size, st.content.copy(),
                        st.named.copy(), dict(st.file_of), spaces,
                        {pid: copy.copy(task) for pid, task in st.tasks.items()}, st.zero_cid,
@@ -572,15 +571,14 @@ class Attributor:
         """Attribute the state ``st`` (labelled with time ``t``, default ``st.t``)."""
         zero = st.zero_cid
         # -- pairs: one per (address space, frame), with the lowest virtual page mapping it
-        mms = sorted(mm for mm, sp in st.spaces.items() if sp.pages)
+        mms = sorted(mm for mm, sp in st.spaces.items() if sp.npages)
         labels = [(mm, *space_label(st, mm)) for mm in mms]
         parts_s, parts_v, parts_f = [], [], []
         for i, mm in enumerate(mms):
-            pages = st.spaces[mm].pages
-            n = len(pages)
-            parts_s.append(np.full(n, i, dtype=np.int64))
-            parts_v.append(np.fromiter(pages.keys(), dtype=np.int64, count=n))
-            parts_f.append(np.fromiter(pages.values(), dtype=np.int64, count=n))
+            vpn, frame = st.spaces[mm].mapping()
+            parts_s.append(np.full(len(vpn), i, dtype=np.int64))
+            parts_v.append(vpn)
+            parts_f.append(frame)
         if parts_s:
             s_all, v_all, f_all = (np.concatenate(p) for p in (parts_s, parts_v, parts_f))
         else:

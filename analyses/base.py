@@ -75,7 +75,7 @@ class Analysis:
         pass
 
     def on_records(self, state: ReplayState, kind: int, records: np.ndarray, chunk: Chunk) -> None:
-        pass
+        """A block of records of ``kind`` (any kind but WRITE), after the state applied it."""
 
     def end(self, state: ReplayState) -> None:
         pass

@@ -43,15 +43,14 @@ def state_blocks(st: ReplayState) -> BlockBuffer:
             b.add(Kind.VMA, records(Kind.VMA, op=op, mm=mm, start=v.start, end=v.end,
                                     vm_flags=v.vm_flags, pgoff=v.pgoff, ino=v.ino, dev=v.dev,
                                     path=b.string(None if v.heap else v.path)))
-    if st.file_of:
-        frames = np.fromiter(st.file_of.keys(), dtype=np.uint64, count=len(st.file_of))
-        info = np.array(list(st.file_of.values()), dtype=np.uint64).reshape(-1, 3)
-        b.add(Kind.PAGECACHE, records(Kind.PAGECACHE, op=PageCacheOp.ADD, dev=info[:, 0],
-                                      ino=info[:, 1], index=info[:, 2], frame=frames))
+    frames = np.flatnonzero(st.named)
+    if len(frames):
+        b.add(Kind.PAGECACHE, records(Kind.PAGECACHE, op=PageCacheOp.ADD, dev=st.file_dev[frames],
+                                      ino=st.file_ino[frames], index=st.file_index[frames],
+                                      frame=frames))
     for mm, sp in st.spaces.items():
-        if sp.pages:
-            vpn = np.fromiter(sp.pages.keys(), dtype=np.uint64, count=len(sp.pages))
-            fr = np.fromiter(sp.pages.values(), dtype=np.uint64, count=len(sp.pages))
+        if sp.npages:
+            vpn, fr = sp.mapping()
             b.add(Kind.MAP, records(Kind.MAP, mm=mm, vpn=vpn, frame=fr, flags=MAP_PRESENT))
     known = np.flatnonzero(st.content >= 0)
     if len(known):

@@ -99,9 +99,8 @@ class Replay:
                     st.counters[chunk.string(name) or "?"] = value
             else:
                 continue  # WRITE and unknown kinds: contents come from PAGE records
-            if kind != Kind.PAGE and kind != Kind.MAP and kind != Kind.PAGECACHE:
-                for a in self.analyses:
-                    a.on_records(st, kind, rec, chunk)
+            for a in self.analyses:
+                a.on_records(st, kind, rec, chunk)
         return True
 
     def _chunks(self, infos: Iterable[ChunkInfo]) -> Iterable[Chunk]:
@@ -166,8 +165,7 @@ def state_digest(st: ReplayState) -> dict[str, object]:
         "contents": dict(zip(known.tolist(), st.contents.lo[st.content[known]].tolist(),
                              strict=True)),
         "named": dict(sorted(st.file_of.items())),
-        "spaces": {mm: dict(sorted(sp.pages.items())) for mm, sp in st.spaces.items()
-                   if sp.pages},
+        "spaces": {mm: sp.pages for mm, sp in st.spaces.items() if sp.npages},
         "tasks": {pid: (t.tgid, t.comm, t.mm) for pid, t in st.tasks.items()},
         "figures": st.figures(),
     }

@@ -78,12 +78,11 @@ not report madvise flag changes, so its trace has no VM_MERGEABLE VMA: use ``--k
 
 Implementation. Several models (``--ksm-sweep``, the hinted twins) share one ``ItemSpace``: the
 in-scope pages in flat arrays, one segment per mm, rebuilt per mm from the MAP records of the
-interval, their contents refreshed from the frames the PAGE records wrote (the state's
-``apply_maps``/``apply_pages`` are wrapped on this replay's state instance to see them: the engine
-hands neither record kind to analyses). A batch of ``pages_to_scan`` pages is a slice of those
-arrays; since contents are independent of each other, a content that no other page in the step,
-no stable node and no unstable-tree entry involves is handled with array operations, and only
-the rest goes page by page (``KsmModel._process``). A full scan that changed nothing over a
+interval, their contents refreshed from the frames the PAGE records wrote (the engine hands every
+block to ``on_records`` after the state applied it). A batch of ``pages_to_scan`` pages is a slice
+of those arrays; since contents are independent of each other, a content that no other page in
+the step, no stable node and no unstable-tree entry involves is handled with array operations,
+and only the rest goes page by page (``KsmModel._process``). A full scan that changed nothing over a
 constant state repeats identically, so the remaining ones of that interval are counted, not run.
 ``tests/test_ksm.py`` checks all of this against a plain page-at-a-time reference.
 """
@@ -421,14 +420,10 @@ class ItemSpace:
                ) -> tuple[np.ndarray, np.ndarray, bool]:
         """Sorted in-scope virtual pages of ``sp``, their frames, and whether it has a
         VM_MERGEABLE VMA."""
-        n = len(sp.pages)
-        vp = np.fromiter(sp.pages.keys(), dtype=np.int64, count=n)
-        fr = np.fromiter(sp.pages.values(), dtype=np.int64, count=n)
+        vp, fr = sp.mapping()
         has_mergeable = self._vmas(st, sp, slot)
         keep = self._in_scope(st, slot, vp, fr)
-        vp, fr = vp[keep], fr[keep]
-        o = np.argsort(vp, kind="stable")
-        return vp[o], fr[o], has_mergeable
+        return vp[keep], fr[keep], has_mergeable
 
     def _patch(self, st: ReplayState, sp: AddressSpace, slot: int, ov: np.ndarray,
                changed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -442,8 +437,7 @@ class ItemSpace:
         present = (pos < l0) & (ov[pc_] == changed) if l0 else np.zeros(len(changed), bool)
         keep = np.ones(l0, dtype=bool)
         keep[pos[present]] = False
-        get = sp.pages.get
-        nfr = np.array([get(v, -1) for v in changed.tolist()], dtype=np.int64)
+        nfr = sp.lookup(changed)
         ins = self._in_scope(st, slot, changed, nfr)
         return keep, changed[ins], nfr[ins], np.where(present[ins], pos[ins], -1)
 
@@ -2172,40 +2166,12 @@ class KsmAnalysis(Analysis):
 
     def begin(self, replay: Replay) -> None:
         super().begin(replay)
-        st = replay.state
         self.hz, self.hz_source = self._clock(replay)
         tr = replay.trace
         self.page_size = tr.page_size
         self.interval = self.interval or default_interval(tr)
         self.origin = tr.t_begin  # samples on the same grid as --sharing
         self.space.all_dirty = True
-        # The engine hands neither PAGE nor MAP records to analyses; to look only at the pages
-        # whose frames were written or whose mappings changed, note them as the state applies
-        # them (the state's methods on this instance are wrapped, nothing else changes).
-        apply_maps = st.apply_maps
-        apply_pagecache = st.apply_pagecache
-
-        apply_pages = st.apply_pages
-
-        def pages(frame: np.ndarray, hash_lo: np.ndarray, hash_hi: np.ndarray) -> None:
-            apply_pages(frame, hash_lo, hash_hi)
-            self.space.page_log.append(frame.astype(np.int64))
-
-        def maps(rec: np.ndarray) -> None:
-            apply_maps(rec)
-            if len(rec):
-                self.space.map_log.append((rec["mm"].copy(), rec["vpn"].copy()))
-
-        def pagecache(rec: np.ndarray) -> None:
-            apply_pagecache(rec)
-            fr = rec["frame"].astype(np.int64)
-            fr = fr[fr < len(st.proc_count)]
-            if len(fr) and (st.proc_count[fr] > 0).any():
-                self.space.all_dirty = True  # a mapped frame became named or anonymous
-
-        st.apply_pages = pages  # type: ignore[method-assign]
-        st.apply_maps = maps  # type: ignore[method-assign]
-        st.apply_pagecache = pagecache  # type: ignore[method-assign]
 
     def _make_models(self, t0: float, st: ReplayState) -> None:
         self.t_first = t0
@@ -2252,7 +2218,19 @@ class KsmAnalysis(Analysis):
         self.t_last = float(t1)
 
     def on_records(self, st: ReplayState, kind: int, records: np.ndarray, chunk: Chunk) -> None:
-        if kind == Kind.VMA:
+        # called after the state applied the records: note the pages whose frames were written
+        # or whose mappings changed, so that only those are looked at again
+        if kind == Kind.PAGE:
+            self.space.page_log.append(records["frame"].astype(np.int64))
+        elif kind == Kind.MAP:
+            if len(records):
+                self.space.map_log.append((records["mm"].copy(), records["vpn"].copy()))
+        elif kind == Kind.PAGECACHE:
+            fr = records["frame"].astype(np.int64)
+            fr = fr[fr < len(st.proc_count)]
+            if len(fr) and (st.proc_count[fr] > 0).any():
+                self.space.all_dirty = True  # a mapped frame became named or anonymous
+        elif kind == Kind.VMA:
             self.space.dirty.update(np.unique(records["mm"]).tolist())
         elif kind == Kind.MARK:
             for op, name, arg in records.tolist():

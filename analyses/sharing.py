@@ -77,9 +77,9 @@ def per_space(st: ReplayState) -> list[dict[str, Any]]:
         if t.mm and t.pid == t.tgid:
             names.setdefault(t.mm, []).append(f"{t.comm}[{t.tgid}]")
     for mm, sp in st.spaces.items():
-        if not sp.frame_refs:
+        if not sp.npages:
             continue
-        frames = np.fromiter(sp.frame_refs.keys(), dtype=np.int64, count=len(sp.frame_refs))
+        frames = sp.frames()[0]
         c = st.content[frames]
         named = st.named[frames]
         known = c >= 0
@@ -88,7 +88,7 @@ def per_space(st: ReplayState) -> list[dict[str, Any]]:
         rows.append({
             "mm": f"{mm:#x}",
             "tasks": " ".join(names.get(mm, [])) or "?",
-            "vpages": len(sp.pages),
+            "vpages": sp.npages,
             "frames": len(frames),
             "anon": int((~named).sum()),
             "named": int(named.sum()),

@@ -14,7 +14,25 @@ from typing import Protocol
 
 import numpy as np
 
+from analyses import kernels
 from analyses.content import ZERO_HASH, ContentTable, one_of_each
+from analyses.kernels import (
+    C_DISTINCT_ALL,
+    C_DISTINCT_ANON,
+    C_DISTINCT_MAPPED,
+    C_KNOWN,
+    C_MAPPED,
+    C_NAMED_MAPPED,
+    C_PAIRS,
+    C_UNKNOWN_ANON,
+    C_UNKNOWN_MAPPED,
+    C_VPAGES,
+    C_ZERO_CID,
+    C_ZERO_MAPPED,
+    MMID_SHIFT,
+    N_COUNTERS,
+    Table,
+)
 from traces.format import MAP_PRESENT, PageCacheOp, TaskOp, VmaOp
 
 CLONE_VM = 0x100  # clone flag: the child shares the parent's address space (a thread)
@@ -49,16 +67,18 @@ class Vma:
         return self.ino == 0
 
 
-@dataclass
+@dataclass(eq=False)
 class AddressSpace:
-    """One mm: virtual page -> frame, and how many virtual pages map each frame."""
+    """One mm: its VMAs and tasks. Its mappings (virtual page -> frame) live in the state's
+    tables under ``mmid``; ``frozen`` holds a copy instead for a space kept for later."""
 
     mm: int
-    pages: dict[int, int] = field(default_factory=dict)
-    frame_refs: dict[int, int] = field(default_factory=dict)
+    mmid: int = 0
     vmas: dict[int, Vma] = field(default_factory=dict)
     pids: set[int] = field(default_factory=set)
     had_tasks: bool = False
+    state: ReplayState | None = field(default=None, repr=False)
+    frozen: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def vma_at(self, addr: int) -> Vma | None:
         for v in self.vmas.values():
@@ -66,37 +86,102 @@ class AddressSpace:
                 return v
         return None
 
+    def mapping(self) -> tuple[np.ndarray, np.ndarray]:
+        """(virtual pages, frames) of the present mappings, sorted by virtual page."""
+        if self.frozen is not None:
+            return self.frozen
+        if self.state is None or not self.npages:
+            e = np.zeros(0, dtype=np.int64)
+            return e, e
+        vpn, frame = self.state.vmap.select(self.mmid)
+        o = np.argsort(vpn)
+        return vpn[o], frame[o]
+
+    @property
+    def npages(self) -> int:
+        if self.frozen is not None:
+            return len(self.frozen[0])
+        if self.state is None:
+            return 0
+        return int(self.state.space_pages[self.mmid])
+
+    def lookup(self, vpns: np.ndarray) -> np.ndarray:
+        """Frames mapped at ``vpns`` (-1 where nothing is mapped)."""
+        vpns = np.asarray(vpns, dtype=np.int64)
+        if self.frozen is not None:
+            v, f = self.frozen
+            i = np.minimum(np.searchsorted(v, vpns), max(len(v) - 1, 0))
+            hit = (v[i] == vpns) if len(v) else np.zeros(len(vpns), dtype=bool)
+            return np.where(hit, f[i] if len(v) else -1, -1)
+        if self.state is None:
+            return np.full(len(vpns), -1, dtype=np.int64)
+        return self.state.vmap.lookup((np.uint64(self.mmid) << np.uint64(MMID_SHIFT))
+                                      | vpns.astype(np.uint64))
+
+    def frames(self) -> tuple[np.ndarray, np.ndarray]:
+        """(frames, how many of this space's virtual pages map each), sorted by frame."""
+        if self.frozen is not None or self.state is None:
+            f, refs = np.unique(self.mapping()[1], return_counts=True)
+            return f, refs.astype(np.int64)
+        f, refs = self.state.frame_pairs.select(self.mmid)
+        o = np.argsort(f)
+        return f[o], refs[o]
+
+    @property
+    def pages(self) -> dict[int, int]:
+        """A copy of the mappings as a dict (virtual page -> frame); arrays: ``mapping()``."""
+        vpn, frame = self.mapping()
+        return dict(zip(vpn.tolist(), frame.tolist(), strict=True))
+
+    @property
+    def frame_refs(self) -> dict[int, int]:
+        """A copy of frame -> how many virtual pages of this space map it."""
+        f, refs = self.frames()
+        return dict(zip(f.tolist(), refs.tolist(), strict=True))
+
+    def freeze(self) -> AddressSpace:
+        """A copy that keeps its mappings when the state moves on."""
+        return AddressSpace(self.mm, self.mmid, dict(self.vmas), set(self.pids),
+                            self.had_tasks, None, self.mapping())
+
 
 class ContentListener(Protocol):
     def __call__(self, cids: np.ndarray, before: np.ndarray, after: np.ndarray) -> None: ...
 
 
+def _counter(index: int, doc: str) -> property:
+    return property(lambda self: int(self.cnt[index]), doc=doc)
+
+
 class ReplayState:
-    """State of the traced guest after the records applied so far."""
+    """State of the traced guest after the records applied so far.
+
+    The per-record work is done by the compiled loops of ``analyses.kernels``; this class owns the
+    arrays they work on, grows them, and keeps the Python-side objects (tasks, VMAs, marks).
+    """
 
     def __init__(self, nframes: int = 0, page_size: int = 4096) -> None:
         self.page_size = page_size
         self.t = 0
         # room for about one content per frame before the table has to grow
-        self.contents = ContentTable(max(12, (4 * max(nframes, 1)).bit_length()))
+        self.contents = ContentTable(max(12, (2 * max(nframes, 1)).bit_length()))
         self.zero_cid = self.contents.id_of(*ZERO_HASH)
         self.listeners: list[ContentListener] = []
         self._alloc(max(nframes, 1))
         self._init_state()
 
     def _alloc(self, nframes: int) -> None:
-        self.nframes = nframes
-        self.content = np.full(nframes, -1, dtype=np.int64)
-        self.proc_count = np.zeros(nframes, dtype=np.int32)
+        self._frame_arrays(np.zeros((nframes, 2), dtype=np.int64), nframes)
+        self.content[:] = -1
         self.named = np.zeros(nframes, dtype=bool)
-        self.ref_all = np.zeros(1024, dtype=np.int64)
-        self.ref_mapped = np.zeros(1024, dtype=np.int64)
-        self.ref_anon = np.zeros(1024, dtype=np.int64)
-        self._scratch = np.zeros(1024, dtype=np.int64)  # per content id, for one_of_each
+        self.file_dev = np.zeros(nframes, dtype=np.uint64)
+        self.file_ino = np.zeros(nframes, dtype=np.uint64)
+        self.file_index = np.zeros(nframes, dtype=np.uint64)
+        self._content_arrays(np.zeros((1024, 4), dtype=np.int64))
+        self._mark = np.full(1024, -1, dtype=np.int64)  # per content id, for the change log
         self._frame_scratch = np.zeros(nframes, dtype=np.int64)
 
     def _init_state(self) -> None:
-        self.file_of: dict[int, tuple[int, int, int]] = {}
         self.spaces: dict[int, AddressSpace] = {}
         self.tasks: dict[int, Task] = {}
         self.exited: list[Task] = []
@@ -104,19 +189,26 @@ class ReplayState:
         self.counters: dict[str, int] = {}
         self.marks: list[tuple[int, int, str | None]] = []
         self.incomplete: str | None = None
-        # incremental counters (see figures())
-        self.vpages = 0            # present virtual pages over all address spaces
-        self.pairs = 0             # (address space, frame) pairs: the "no sharing" figure
-        self.mapped_frames = 0     # frames mapped by at least one address space: "mmap/fork"
-        self.named_mapped = 0      # mapped frames that are named
-        self.unknown_mapped = 0    # mapped frames whose content is not known
-        self.unknown_anon = 0      # ... of which anonymous
-        self.known_frames = 0      # frames whose content is known (whole-guest view)
-        self.distinct_all = 0      # distinct contents over all known frames
-        self.distinct_mapped = 0   # distinct contents over mapped frames
-        self.distinct_anon = 0     # distinct contents over mapped anonymous frames
-        self.zero_mapped = 0       # mapped frames holding the zero page content
-        self.version = 0           # bumped by every change
+        self.cnt = np.zeros(N_COUNTERS, dtype=np.int64)  # see analyses.kernels.C_*
+        self.cnt[C_ZERO_CID] = self.zero_cid
+        self.vmap = Table()         # (mmid, virtual page) -> frame
+        self.frame_pairs = Table()  # (mmid, frame) -> virtual pages of mmid mapping it
+        self.tab_n = np.zeros(2, dtype=np.int64)  # entries in vmap, frame_pairs
+        self.space_pages = np.zeros(64, dtype=np.int64)  # present virtual pages per mmid
+        self.next_mmid = 1
+        self.version = 0  # bumped by every change
+
+    vpages = _counter(C_VPAGES, "present virtual pages over all address spaces")
+    pairs = _counter(C_PAIRS, "(address space, frame) pairs: the no-sharing figure")
+    mapped_frames = _counter(C_MAPPED, "frames mapped by at least one address space")
+    named_mapped = _counter(C_NAMED_MAPPED, "mapped frames that are named")
+    unknown_mapped = _counter(C_UNKNOWN_MAPPED, "mapped frames of unknown content")
+    unknown_anon = _counter(C_UNKNOWN_ANON, "... of which anonymous")
+    known_frames = _counter(C_KNOWN, "frames whose content is known")
+    distinct_all = _counter(C_DISTINCT_ALL, "distinct contents over all known frames")
+    distinct_mapped = _counter(C_DISTINCT_MAPPED, "distinct contents over mapped frames")
+    distinct_anon = _counter(C_DISTINCT_ANON, "distinct contents over mapped anonymous frames")
+    zero_mapped = _counter(C_ZERO_MAPPED, "mapped frames holding the zero page")
 
     # -- figures --------------------------------------------------------------------------------
     def figures(self) -> dict[str, int]:
@@ -124,222 +216,167 @@ class ReplayState:
 
         Frames whose content is unknown count as distinct contents of their own.
         """
+        c = self.cnt.tolist()
         return {
-            "no_sharing": self.pairs,
-            "mmap_fork": self.mapped_frames,
-            "ksm_hint_all": self.named_mapped + self.distinct_anon + self.unknown_anon,
-            "full_cbps": self.distinct_mapped + self.unknown_mapped,
-            "zero_pages": self.zero_mapped,
-            "guest_frames": self.known_frames,
-            "guest_distinct": self.distinct_all,
+            "no_sharing": c[C_PAIRS],
+            "mmap_fork": c[C_MAPPED],
+            "ksm_hint_all": c[C_NAMED_MAPPED] + c[C_DISTINCT_ANON] + c[C_UNKNOWN_ANON],
+            "full_cbps": c[C_DISTINCT_MAPPED] + c[C_UNKNOWN_MAPPED],
+            "zero_pages": c[C_ZERO_MAPPED],
+            "guest_frames": c[C_KNOWN],
+            "guest_distinct": c[C_DISTINCT_ALL],
         }
 
-    # -- frame changes --------------------------------------------------------------------------
+    @property
+    def file_of(self) -> dict[int, tuple[int, int, int]]:
+        """Named frames -> (device, inode, page index in the file): a copy."""
+        fr = np.flatnonzero(self.named)
+        return dict(zip(fr.tolist(), zip(self.file_dev[fr].tolist(), self.file_ino[fr].tolist(),
+                                         self.file_index[fr].tolist(), strict=True),
+                        strict=True))
+
+    # -- storage --------------------------------------------------------------------------------
+    # What one record touches sits together in memory: a frame's content id and proc_count share
+    # a row, and so do a content's three reference counts (columns: all, mapped, anon), so that
+    # a page update costs a few cache misses, not one per array. The 1-D names are views.
+    def _frame_arrays(self, rows: np.ndarray, nframes: int) -> None:
+        self._frames2 = rows
+        self.content = rows[:, 0]
+        self.proc_count = rows[:, 1]
+        self.nframes = nframes
+
+    def _content_arrays(self, rows: np.ndarray) -> None:
+        self._refs = rows
+        self.ref_all = rows[:, 0]
+        self.ref_mapped = rows[:, 1]
+        self.ref_anon = rows[:, 2]
+
     def ensure_frames(self, max_frame: int) -> None:
         if max_frame < self.nframes:
             return
         n = max(max_frame + 1, 2 * self.nframes)
-        for name, fill in (("content", -1), ("proc_count", 0), ("named", False),
-                           ("_frame_scratch", 0)):
+        rows = np.zeros((n, 2), dtype=np.int64)
+        rows[:, 0] = -1
+        rows[:self.nframes] = self._frames2
+        self._frame_arrays(rows, n)
+        for name in ("named", "file_dev", "file_ino", "file_index", "_frame_scratch"):
             old = getattr(self, name)
-            new = np.full(n, fill, dtype=old.dtype)
+            new = np.zeros(n, dtype=old.dtype)
             new[:len(old)] = old
             setattr(self, name, new)
-        self.nframes = n
 
     def _ensure_contents(self) -> None:
         n = len(self.contents)
         if n > len(self.ref_all):
             size = max(n, 2 * len(self.ref_all))
-            for name in ("ref_all", "ref_mapped", "ref_anon", "_scratch"):
-                old = getattr(self, name)
-                new = np.zeros(size, dtype=np.int64)
-                new[:len(old)] = old
-                setattr(self, name, new)
+            rows = np.zeros((size, 4), dtype=np.int64)
+            rows[:len(self._refs)] = self._refs
+            self._content_arrays(rows)
+            mark = np.full(size, -1, dtype=np.int64)
+            mark[:len(self._mark)] = self._mark
+            self._mark = mark
 
-    def change_frames(self, frames: np.ndarray, apply: Callable[[], None]) -> None:
-        """Apply ``apply`` (which mutates content/proc_count/named of ``frames`` only) and update
-        every counter by taking the frames' old contribution out and their new one in.
+    def _fs(self) -> tuple[np.ndarray, ...]:
+        return (self.content, self.proc_count, self.named, self.ref_all, self.ref_mapped,
+                self.ref_anon, self.cnt)
 
-        ``frames`` must be unique.
-        """
-        if len(frames) == 0:
-            return
-        old_c = self.content[frames]
-        old_m = self.proc_count[frames] > 0
-        old_n = self.named[frames]
-        apply()
+    def _tables(self) -> tuple[np.ndarray, ...]:
+        shifts = np.array([self.vmap.shift, self.frame_pairs.shift], dtype=np.uint64)
+        return (self.vmap.keys, self.vmap.vals, self.frame_pairs.keys, self.frame_pairs.vals,
+                shifts, self.tab_n, self.space_pages)
+
+    def _run(self, kernel: Callable[..., None], *args: object, changes: int) -> None:
+        """Run a kernel over the frame state; ``changes`` bounds how many content ids its
+        records can touch (the size of the change log the listeners get)."""
         self._ensure_contents()
-        new_c = self.content[frames]
-        new_m = self.proc_count[frames] > 0
-        new_n = self.named[frames]
         self.version += 1
-
-        def d(new: np.ndarray, old: np.ndarray) -> int:
-            return int(np.count_nonzero(new)) - int(np.count_nonzero(old))
-
-        self.mapped_frames += d(new_m, old_m)
-        self.named_mapped += d(new_m & new_n, old_m & old_n)
-        self.unknown_mapped += d(new_m & (new_c < 0), old_m & (old_c < 0))
-        self.unknown_anon += d(new_m & ~new_n & (new_c < 0), old_m & ~old_n & (old_c < 0))
-        self.known_frames += d(new_c >= 0, old_c >= 0)
-        self.zero_mapped += d(new_m & (new_c == self.zero_cid), old_m & (old_c == self.zero_cid))
-
-        # Each frame takes its old content's reference out and puts its new one in, for three
-        # reference counts (all frames, mapped frames, mapped anonymous frames). The number of
-        # distinct contents changes by the contents whose count crossed zero.
-        unchanged = (old_c == new_c) & (old_m == new_m) & (old_n == new_n)
-        if unchanged.all():
+        if not self.listeners:
+            kernel(*args, self._fs(), _NO_LOG)
             return
-        if unchanged.any():
-            keep = ~unchanged
-            old_c, new_c, old_m, new_m = old_c[keep], new_c[keep], old_m[keep], new_m[keep]
-            old_n, new_n = old_n[keep], new_n[keep]
-        c = np.concatenate([old_c, new_c])
-        k = len(old_c)
-        out_in = np.concatenate([np.full(k, -1, dtype=np.int64), np.ones(k, dtype=np.int64)])
-        sel_all = c >= 0
-        sel_m = sel_all & np.concatenate([old_m, new_m])
-        sel_a = sel_m & ~np.concatenate([old_n, new_n])
-        self.distinct_all += self._move(self.ref_all, c[sel_all], out_in[sel_all])
-        self.distinct_mapped += self._move(self.ref_mapped, c[sel_m], out_in[sel_m])
-        self.distinct_anon += self._move(self.ref_anon, c[sel_a], out_in[sel_a])
-
-    def _move(self, ref: np.ndarray, cids: np.ndarray, delta: np.ndarray) -> int:
-        """Add ``delta`` to ``ref`` at ``cids`` (repeats allowed); return the change in the
-        number of contents with a positive count. Mapped-count changes go to the listeners."""
-        if len(cids) == 0:
-            return 0
-        rep = cids[one_of_each(cids, self._scratch)]
-        before = ref[rep]
-        np.add.at(ref, cids, delta)
-        after = ref[rep]
-        if ref is self.ref_mapped and self.listeners:
-            moved = before != after
-            if moved.any():
-                for listener in self.listeners:
-                    listener(rep[moved], before[moved], after[moved])
-        return int(np.count_nonzero(after)) - int(np.count_nonzero(before))
+        n = min(changes, len(self.contents))
+        log_cid = np.empty(n, dtype=np.int64)
+        log_before = np.empty(n, dtype=np.int64)
+        nlog = np.zeros(1, dtype=np.int64)
+        kernel(*args, self._fs(), (self._mark, log_cid, log_before, nlog))
+        k = int(nlog[0])
+        if not k:
+            return
+        cids = log_cid[:k]
+        self._mark[cids] = -1
+        before = log_before[:k]
+        after = self.ref_mapped[cids]
+        moved = before != after
+        if moved.any():
+            for listener in self.listeners:
+                listener(cids[moved], before[moved], after[moved])
 
     # -- record application ---------------------------------------------------------------------
     def apply_pages(self, frame: np.ndarray, hash_lo: np.ndarray, hash_hi: np.ndarray) -> None:
+        """PAGE records, in order."""
+        if len(frame) == 0:
+            return
         frame = frame.astype(np.int64)
         self.ensure_frames(int(frame.max()))
-        if len(frame) > 1:
-            # keep the last update of each frame
-            last = one_of_each(frame, self._frame_scratch)
-            if not last.all():
-                frame, hash_lo, hash_hi = frame[last], hash_lo[last], hash_hi[last]
         ids = self.contents.ids(hash_lo, hash_hi)
-        self._ensure_contents()
-        # Only contents change: mapped and named status stay, so the general change_frames
-        # reduces to moving references from the old contents to the new ones.
-        old = self.content[frame]
-        self.content[frame] = ids
-        self.version += 1
-        m = self.proc_count[frame] > 0
-        a = m & ~self.named[frame]
-        had = old >= 0
-        self.known_frames += len(frame) - int(np.count_nonzero(had))
-        if not had.all():
-            self.unknown_mapped -= int(np.count_nonzero(m & ~had))
-            self.unknown_anon -= int(np.count_nonzero(a & ~had))
-        z = self.zero_cid
-        self.zero_mapped += int(np.count_nonzero(m & (ids == z))) - \
-            int(np.count_nonzero(m & (old == z)))
-        k = len(frame)
-        ones = np.ones(k, dtype=np.int64)
-        for ref, sel, attr in ((self.ref_all, None, "distinct_all"),
-                               (self.ref_mapped, m, "distinct_mapped"),
-                               (self.ref_anon, a, "distinct_anon")):
-            o = old if sel is None else old[sel]
-            n = ids if sel is None else ids[sel]
-            o = o[o >= 0]
-            cids = np.concatenate([o, n])
-            delta = np.concatenate([-ones[:len(o)], ones[:len(n)]])
-            setattr(self, attr, getattr(self, attr) + self._move(ref, cids, delta))
+        self._run(kernels.apply_pages, frame, ids, changes=2 * len(frame))
 
     def _space(self, mm: int) -> AddressSpace:
         sp = self.spaces.get(mm)
         if sp is None:
-            sp = self.spaces[mm] = AddressSpace(mm)
+            sp = self.spaces[mm] = AddressSpace(mm, self.next_mmid, state=self)
+            self.next_mmid += 1
+            if self.next_mmid >= len(self.space_pages):
+                self.space_pages = np.resize(self.space_pages, 2 * len(self.space_pages))
+                self.space_pages[self.next_mmid:] = 0
         return sp
 
-    def _apply_refs(self, deltas: dict[int, int]) -> None:
-        """Change how many address spaces map each frame (frame -> delta)."""
-        deltas = {f: v for f, v in deltas.items() if v}
-        if not deltas:
-            return
-        frames = np.fromiter(deltas.keys(), dtype=np.int64, count=len(deltas))
-        dv = np.fromiter(deltas.values(), dtype=np.int32, count=len(deltas))
-        self.ensure_frames(int(frames.max()))
-        self.pairs += int(dv.sum())
-
-        def apply() -> None:
-            self.proc_count[frames] += dv
-
-        self.change_frames(frames, apply)
+    def mmids(self, mm: np.ndarray) -> np.ndarray:
+        """The ``mmid`` of each mm in ``mm`` (address spaces are created on first sight)."""
+        first = int(mm[0])
+        if len(mm) == 1 or (mm == mm[0]).all():
+            return np.full(len(mm), self._space(first).mmid, dtype=np.int64)
+        u, inv = np.unique(mm, return_inverse=True)
+        ids = np.array([self._space(m).mmid for m in u.tolist()], dtype=np.int64)
+        return ids[inv]
 
     def apply_maps(self, rec: np.ndarray) -> None:
-        deltas: dict[int, int] = {}
-        vdelta = 0
-        sp: AddressSpace | None = None
-        for mm, vpn, frame, flags in zip(rec["mm"].tolist(), rec["vpn"].tolist(),
-                                         rec["frame"].tolist(), rec["flags"].tolist(),
-                                         strict=True):
-            if sp is None or sp.mm != mm:
-                sp = self._space(mm)
-            pages, refs = sp.pages, sp.frame_refs
-            old = pages.get(vpn)
-            if flags & MAP_PRESENT:
-                if old == frame:
-                    continue
-                pages[vpn] = frame
-                r = refs.get(frame, 0)
-                refs[frame] = r + 1
-                if r == 0:
-                    deltas[frame] = deltas.get(frame, 0) + 1
-                if old is None:
-                    vdelta += 1
-            else:
-                if old is None:
-                    continue
-                del pages[vpn]
-                vdelta -= 1
-            if old is not None:
-                r = refs[old] - 1
-                if r:
-                    refs[old] = r
-                else:
-                    del refs[old]
-                    deltas[old] = deltas.get(old, 0) - 1
-        self.vpages += vdelta
-        self._apply_refs(deltas)
+        """MAP records, in order."""
+        if len(rec) == 0:
+            return
+        frames = rec["frame"].astype(np.int64)
+        self.ensure_frames(int(frames.max()))
+        mmids = self.mmids(rec["mm"])
+        self.vmap.reserve(int(self.tab_n[0]), len(rec))
+        self.frame_pairs.reserve(int(self.tab_n[1]), len(rec))
+        present = (rec["flags"] & MAP_PRESENT) != 0
+        self._run(kernels.apply_maps, mmids, np.ascontiguousarray(rec["vpn"], dtype=np.uint64),
+                  frames, present, self._tables(), changes=2 * len(rec))
 
     def release_space(self, mm: int) -> None:
         """The address space is gone: drop all its mappings."""
         sp = self.spaces.pop(mm, None)
         if sp is None:
             return
-        self.vpages -= len(sp.pages)
-        self._apply_refs({f: -1 for f in sp.frame_refs})
+        if sp.npages:
+            self._run(kernels.release_space, sp.mmid, self._tables(),
+                      changes=int(self.tab_n[1]))
+        sp.state = None  # a stale reference sees an empty space, not another's mappings
 
     def apply_pagecache(self, rec: np.ndarray) -> None:
-        frames = np.unique(rec["frame"].astype(np.int64))
+        """PAGECACHE records, in order: a frame's last ADD or DEL in the block decides."""
+        rec = rec[(rec["op"] == PageCacheOp.ADD) | (rec["op"] == PageCacheOp.DEL)]
+        if len(rec) == 0:
+            return
+        frames = rec["frame"].astype(np.int64)
         self.ensure_frames(int(frames.max()))
-
-        def apply() -> None:
-            for op, dev, ino, index, frame in zip(rec["op"].tolist(), rec["dev"].tolist(),
-                                                  rec["ino"].tolist(), rec["index"].tolist(),
-                                                  rec["frame"].tolist(), strict=True):
-                if op == PageCacheOp.ADD:
-                    self.file_of[frame] = (dev, ino, index)
-                    self.named[frame] = True
-                elif op == PageCacheOp.DEL:
-                    self.file_of.pop(frame, None)
-                    self.named[frame] = False
-
-        self.change_frames(frames, apply)
+        last = one_of_each(frames, self._frame_scratch)
+        rec, frames = rec[last], frames[last]
+        add = rec["op"] == PageCacheOp.ADD
+        fa = frames[add]
+        self.file_dev[fa] = rec["dev"][add]
+        self.file_ino[fa] = rec["ino"][add]
+        self.file_index[fa] = rec["index"][add]
+        self._run(kernels.set_named, frames, add, changes=len(frames))
 
     def _attach(self, pid: int, mm: int) -> None:
         if mm:
@@ -416,15 +453,14 @@ class ReplayState:
         for mm in list(self.spaces):
             self.release_space(mm)
         known = np.flatnonzero((self.content >= 0) | self.named)
-
-        def apply() -> None:
-            self.content[known] = -1
-            self.named[known] = False
-
-        self.change_frames(known, apply)
+        self._run(kernels.forget_frames, known, changes=len(known))
         t = self.t
         self._init_state()
         self.t = t
+
+
+_NO_LOG = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64),
+           np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64))
 
 
 def _cut(sp: AddressSpace, start: int, end: int) -> list[Vma]:
