@@ -11,9 +11,10 @@ decompression).
 State layout (all numpy arrays owned by ``analyses.state.ReplayState``):
 
 - per frame: ``content`` (dense content id, -1 unknown), ``proc_count`` (how many address spaces
-  map it), ``named`` (in the page cache);
+  map it), ``named`` (in the page cache); content and proc_count are the two columns of one array
+  so that a frame costs one cache miss;
 - per content id: ``ref_all``, ``ref_mapped``, ``ref_anon`` (frames holding it: all, mapped,
-  mapped and anonymous);
+  mapped and anonymous), columns of one array for the same reason;
 - ``cnt``: the incremental counters behind the thesis's figures, indexed by the ``C_*`` constants;
 - two open-addressing hash tables (linear probing, key 0 = empty slot, deletion by backward
   shift): the mapping table, key (mmid << 40 | virtual page) -> frame, and the pair table, key
@@ -22,9 +23,9 @@ State layout (all numpy arrays owned by ``analyses.state.ReplayState``):
   frames fit in 40 bits.
 
 Every frame change takes the frame's contribution to the counters out, changes the frame, and
-puts the new contribution in (``_leave``/``_enter``), so the counters stay exact after every
-record. Changes of ``ref_mapped`` are logged (content id and its value before the block) for the
-analyses that follow contents (``Analysis.wants_content_deltas``).
+puts the new contribution in (``_contribute`` with -1, then +1), so the counters stay exact after
+every record. Changes of ``ref_mapped`` are logged (content id and its value before the block)
+for the analyses that follow contents (``Analysis.wants_content_deltas``).
 """
 
 from __future__ import annotations
