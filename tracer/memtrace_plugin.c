@@ -25,7 +25,9 @@
  * - The guest agent's mailbox (mailbox.h) is drained at every epoch end, and in between as soon
  *   as it is half full or the vCPU goes idle; its events become TASK/VMA/PAGECACHE/MARK/COUNTER/
  *   LOST records. Records from a drain between epoch ends get a TIME record of their own (the
- *   instruction count at the drain) with the current epoch number.
+ *   instruction count at the drain) with the current epoch number. A MARK PHASE is preceded by
+ *   the epoch's changes so far (as MARK STOP is), so a phase starts with the memory state of
+ *   that instant.
  * - MAP records: for every live address space (the mm and pgd of TASK events) the user half of
  *   its page tables is walked in the RAM file (pt_walk.h) when one of its page-table frames was
  *   written in the epoch, and the differences to the previous walk are written.
@@ -825,6 +827,12 @@ static void on_agent_event(void *ctx, const struct mb_event *ev)
     if (mark && ev->op == TW_MARK_STATE_END) {
         warn("agent STATE_END without STATE_BEGIN ignored");
         return;
+    }
+    if (mark && ev->op == TW_MARK_PHASE) {
+        /* a phase starts with memory as it is: the epoch's changes so far (PAGE, and MAP of
+         * the page tables written) go before the mark, not up to an epoch later */
+        collect_written();
+        flush_epoch_changes();
     }
     apply_event(ev);
 }
