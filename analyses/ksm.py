@@ -8,9 +8,19 @@ history, with the parameters of its sysfs interface, and compares what it merges
 What is modelled, and where it comes from in ``mm/ksm.c``:
 
 * **Time.** ``ksm_scan_thread`` runs ``ksm_do_scan(pages_to_scan)`` and sleeps ``sleep_millisecs``.
-  A batch is instantaneous at time ``origin + k * sleep`` (guest time, from the trace clock and
-  ``clock_hz``) and sees the trace state in force then. Between two TIME records the state is
-  constant, so every batch is exact at the trace's resolution.
+  A batch is instantaneous at guest time ``origin + k * cycle`` and sees the trace state in force
+  then. Between two TIME records the state is constant, so every batch is exact at the trace's
+  resolution. The sleep is whole jiffies: ``msecs_to_jiffies`` rounds up and the timer wheel
+  fires one jiffy after the expiry (``calc_index``), so with the guest's HZ known (the agent's
+  ``guest.hz`` counter, or ``--ksm-hz``) the cycle is ``ceil(sleep * HZ / 1000) + 1`` jiffies:
+  56 ms for 50 ms at HZ=250, 24 ms for 20 ms (``cycle_ms``). ksmd's own running time (about 1 ms
+  per 100 pages under TCG, from its schedstat) ends within the jiffy it woke in, so it adds
+  nothing - except when a batch runs past that jiffy, which the model does not predict.
+  Guest time comes from the guest's own clock when the trace has it (the agent's
+  ``guest.clock_ns`` counters, interpolated: ``GuestClock``), else from the trace clock and
+  ``clock_hz``. A recorded trace's clock is retired instructions, a poor proxy: they stand still
+  while the guest idles, and within one ``ksm`` recording they ran at 15 to 180 M per guest
+  second.
 * **Rmap items and the cursor.** An rmap item is one (mm, virtual page) of an anonymous page in
   scope. ``scan_get_next_rmap_item`` walks the mm list (``ksm_mm_head``) and each mm's pages in
   address order; pages mapping the kernel zero page are not ``PageAnon`` and are skipped without
@@ -72,9 +82,23 @@ of the write history (a hypervisor would get this from dirty logging); the rest 
 continues the ordinary linear scan. Same pages scanned, compared on savings.
 
 Validation against a real kernel: COUNTER records ``ksm.*`` (the guest scenario ``ksm`` writes
-them every second) are compared with the first model's counters at the same instants. That
-scenario turns KSM on at its phase ``merge`` (``--ksm-start phase:merge``), and the guest agent does
-not report madvise flag changes, so its trace has no VM_MERGEABLE VMA: use ``--ksm-scope anon``.
+them every 0.1 s of guest time) are compared with the first model's counters at the same instants;
+"final" is the last sample of the phase ksmd was started in (``--ksm-start phase:NAME``), not a
+sample taken after the workload exited. That scenario madvises 2 x 2 x 256 identical pages, turns
+KSM on at its phase ``merge`` with ``pages_to_scan`` 100 and ``sleep_millisecs`` 50, and the
+guest agent reports madvise(MADV_MERGEABLE) as VMA PROTECT, so the default madvised scope is the
+kernel's. Measured on six recordings (``trace-analyze --ksm --ksm-pages-to-scan 100
+--ksm-sleep-ms 50 --ksm-start phase:merge``, ``tests/e2e/test_ksm_validation.py``): final
+``pages_sharing`` 1020 = 1020 in all, ``full_scans`` equal (6) in all, mean |model - kernel|
+``pages_sharing`` over the ~35 samples of phase merge 2.9 to 16 pages (mean 9.5, 1 % of 1020),
+all of it on the 0.6 s ramp, where the model runs up to one batch (100 pages) ahead: the kernel's
+cycle is sometimes a jiffy longer (a batch that runs past its jiffy, the ``lru_add_drain_all``
+at the head of each full scan), and a sample can catch ksmd in the middle of a batch. Without the
+guest clock and jiffies (``--ksm-no-guest-clock --ksm-hz 0``) the mean error was 24 to 69 pages
+and ``full_scans`` 3 or 4 for the kernel's 6; with 4000 pages per batch every 20 ms the model made
+167 to 171 full scans for the kernel's 160 to 165 (its 1024-page batches sometimes cross a jiffy).
+Older traces, without the madvise events, need ``--ksm-scope anon``, which also scans every other
+process's anonymous memory (on such a trace, model 1274 against kernel 1020).
 
 Implementation. Several models (``--ksm-sweep``, the hinted twins) share one ``ItemSpace``: the
 in-scope pages in flat arrays, one segment per mm, rebuilt per mm from the MAP records of the
