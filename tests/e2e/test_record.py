@@ -22,13 +22,27 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def shm_files() -> set[str]:
-    return set(glob.glob("/dev/shm/memtrace-*"))
+def shm_files(pid: int) -> list[str]:
+    """The files trace-record run as ``pid`` has in /dev/shm (its names carry its pid, so
+    recordings running beside the tests do not count)."""
+    return glob.glob(f"/dev/shm/memtrace-{pid}-*")
 
 
-def record(*args: str, timeout: float = 3000) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tracer.record", "-q", *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+class Recorded(subprocess.CompletedProcess[str]):
+    pid: int
+
+
+def record(*args: str, timeout: float = 3000) -> Recorded:
+    with subprocess.Popen([sys.executable, "-m", "tracer.record", "-q", *args], text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    p = Recorded(proc.args, proc.returncode, out, err)
+    p.pid = proc.pid
+    return p
 
 
 def analyze(*args: str) -> subprocess.CompletedProcess[str]:
@@ -39,11 +53,10 @@ def analyze(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="session")
 def single_trace(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("rec") / "single.mtr"
-    before = shm_files()
     p = record("--scenario", "single", "-n", "1", "--verify", "-o", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "0 differ" in p.stderr, p.stderr[-2000:]
-    assert shm_files() <= before, "guest RAM file left in /dev/shm"
+    assert not shm_files(p.pid), "guest RAM file left in /dev/shm"
     return out
 
 
@@ -85,14 +98,13 @@ def test_trace_has_tasks_vmas_and_mappings(single_trace):
 def test_timeout_keeps_partial_trace(tmp_path):
     """A guest that never powers off (a shell waiting on the console after the scenario)."""
     out = tmp_path / "hung.mtr"
-    before = shm_files()
     p = record("--scenario", "idle", "--append", "memtrace.shell=1", "--start", "now",
                "--timeout", "60", "-o", str(out))
     assert p.returncode == 4, p.stderr[-2000:]
     assert "INCOMPLETE" in p.stderr and "timeout" in p.stderr
     st = Replay(open_trace(out), progress=False).run()
     assert st.incomplete and "timeout" in st.incomplete
-    assert shm_files() <= before
+    assert not shm_files(p.pid)
 
 
 def test_bad_plugin_argument_is_refused(tmp_path):
