@@ -191,14 +191,23 @@ class KsmParams:
 
 
 class Series:
-    """A piecewise-constant value and its integral over time (for time-weighted means)."""
+    """A piecewise-constant value and its integral over time (for time-weighted means).
 
-    __slots__ = ("v", "t", "area", "t0")
+    Times are trace times; with a ``clock`` (a ``GuestClock`` with knots) the integral is over
+    guest seconds instead."""
 
-    def __init__(self, t0: float, v: float = 0.0) -> None:
+    __slots__ = ("v", "t", "area", "t0", "clock")
+
+    def __init__(self, t0: float, v: float = 0.0, clock: GuestClock | None = None) -> None:
+        self.clock = clock
+        t0 = self._g(t0)
         self.v, self.t, self.area, self.t0 = v, t0, 0.0, t0
 
+    def _g(self, t: Any) -> Any:
+        return t if self.clock is None else self.clock.guest(t)
+
     def set(self, t: float, v: float) -> None:
+        t = self._g(t)
         if t > self.t:
             self.area += self.v * (t - self.t)
             self.t = t
@@ -208,6 +217,7 @@ class Series:
         """Changes ``deltas`` at ``times`` (all at or after the last change, any order)."""
         if len(times) == 0:
             return
+        times = self._g(times)
         end = float(times.max())
         if end > self.t:
             self.area += self.v * (end - self.t)
@@ -216,7 +226,7 @@ class Series:
         self.v += float(deltas.sum())
 
     def integral(self, t: float) -> float:
-        return self.area + self.v * max(0.0, t - self.t)
+        return self.area + self.v * max(0.0, self._g(t) - self.t)
 
 
 def cycle_ms(sleep_ms: float, tick_hz: int) -> Fraction:
@@ -976,8 +986,8 @@ class KsmModel:
         self.zero_merged = 0
         self.live_nodes = 0
         self.saved = 0
-        self.s_sharing = Series(t0)
-        self.s_saved = Series(t0)
+        self.s_sharing = Series(t0, clock=self.clock)
+        self.s_saved = Series(t0, clock=self.clock)
         # opportunities
         self.latencies: list[float] = []
         self.missed = 0
@@ -2199,8 +2209,9 @@ class KsmAnalysis(Analysis):
 
     def _make_models(self, t0: float, st: ReplayState) -> None:
         self.t_first = t0
-        self.s_ceiling = Series(t0)
-        self.s_global = Series(t0)
+        knots = self.gclock if self.gclock.knots else None
+        self.s_ceiling = Series(t0, clock=knots)
+        self.s_global = Series(t0, clock=knots)
         for p in self.params:
             cls = HintedModel if p.scanner == "hinted" else KsmModel
             m = cls(p, self.space, self.hz, t0, st.zero_cid, self.every_scan, self.gclock,
@@ -2304,10 +2315,15 @@ class KsmAnalysis(Analysis):
             self._sample(st, st.t)
 
     # -- results ---------------------------------------------------------------------------------
+    def _dur(self, t0: float, t1: float) -> float:
+        """The span the time-weighted means divide by: guest seconds when the trace has the
+        guest's clock (the series integrate over guest time then), else clock units."""
+        return self.gclock.span(t0, t1) if self.gclock.knots else t1 - t0
+
     def _model_summary(self, m: KsmModel) -> dict[str, Any]:
         t0 = self.t_first or 0.0
         t1 = self.t_last
-        dur = t1 - t0
+        dur = self._dur(t0, t1)
         ceil_area = self.s_ceiling.integral(t1) if self.s_ceiling else 0.0
         glob_area = self.s_global.integral(t1) if self.s_global else 0.0
         saved_area = m.s_saved.integral(t1)
@@ -2334,7 +2350,7 @@ class KsmAnalysis(Analysis):
         p = m.p
         ms = self._model_summary(m)
         t0, t1 = self.t_first or 0.0, self.t_last
-        dur = t1 - t0
+        dur = self._dur(t0, t1)
         summ, units = r.summary, r.units
         summ["scope"] = self.scope
         summ["pages_to_scan"] = p.pages_to_scan
@@ -2427,7 +2443,7 @@ class KsmAnalysis(Analysis):
     def _sweep_table(self) -> Table:
         rows = []
         t1 = self.t_last
-        dur = t1 - (self.t_first or 0.0)
+        dur = self._dur(self.t_first or 0.0, t1)
         for x in self.models:
             s = self._model_summary(x)
             rows.append([x.p.label, x.p.pages_to_scan, x.p.sleep_ms, round(x.p.scan_rate(), 1),
@@ -2521,8 +2537,8 @@ class KsmAnalysis(Analysis):
                            "pass --ksm-clock-hz to use it")
         if self.scope == "madvised" and not self.space.ever_mergeable:
             r.notes.append("no VMA in the trace has VM_MERGEABLE: nothing is in the madvised "
-                           "scope (the guest agent does not report madvise flag changes); "
-                           "try --ksm-scope anon")
+                           "scope (no madvise(MADV_MERGEABLE) in the workload, or a trace "
+                           "recorded before the guest agent reported it); try --ksm-scope anon")
         r.notes.append("savings are frames freed within the scope; the scope oracle is in-scope "
                        "frames minus distinct contents among them, the guest oracle mmap/fork "
                        "minus full CBPS; fractions are ratios of time integrals")

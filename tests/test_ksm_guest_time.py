@@ -100,6 +100,10 @@ def test_batches_placed_in_guest_time(tmp_path):
     # batches every 20 ms of guest time: t = 0, 2, 4, 6, 8, 10, then 30, 50, 70, 90, 110
     assert s["final_full_scans"] == 11
     assert s["latency_median"] == pytest.approx(0.020)  # guest seconds, not clock units
+    # time-weighted means over guest time: merged from guest 20 ms to 210 ms (in clock units
+    # it would be 118 of 120)
+    assert s["pages_sharing_mean"] == pytest.approx(0.19 / 0.21, abs=1e-3)
+    assert s["fraction_of_scope_oracle"] == pytest.approx(0.19 / 0.21, abs=1e-3)
     assert any("guest.clock_ns" in n for n in r.notes)
     # the same trace read with clock_hz alone: batches every 20 units, the merge at t=20
     _, r = run(p, guest_clock=False)
