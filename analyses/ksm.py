@@ -2568,7 +2568,20 @@ class KsmAnalysis(Analysis):
             r.notes.append("--plot-ksm: matplotlib is not installed")
             return
         ps = self.page_size
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
+        ps_rows = [x for x in self.compare_rows if x[1] == "pages_sharing"]
+        if ps_rows:
+            fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(19, 5))
+            g0 = self.gclock.guest(self.t_first or 0)
+            gt = [x[5] - g0 for x in ps_rows]
+            a3.plot(gt, [x[2] for x in ps_rows], "k.-", label="kernel (COUNTER ksm.*)")
+            a3.plot(gt, [x[3] for x in ps_rows], "x--", label=f"model {self.models[0].p.label}")
+            a3.set_xlabel("guest time (s)")
+            a3.set_ylabel("pages_sharing")
+            a3.set_title("model against the guest's KSM")
+            a3.grid(alpha=0.3)
+            a3.legend()
+        else:
+            fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
         s = r.tables["series"]
         t = [self.gclock.span(self.t_first or 0, row[0]) for row in s.rows]
         ci = s.columns.index
