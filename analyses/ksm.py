@@ -2542,6 +2542,10 @@ class KsmAnalysis(Analysis):
         r.notes.append("savings are frames freed within the scope; the scope oracle is in-scope "
                        "frames minus distinct contents among them, the guest oracle mmap/fork "
                        "minus full CBPS; fractions are ratios of time integrals")
+        if self.kernel:
+            r.notes.append("the guest ran its own KSM: the trace's mappings include its merges, "
+                           "so the guest oracle is measured after them while the model works on "
+                           "the un-merged workload (fraction_of_guest_oracle can exceed 1)")
         r.notes.append("pages_sharing lags a COW break until ksmd revisits the page (as in the "
                        "kernel); pages that are unmapped leave the counters at once (the kernel "
                        "frees their rmap items when its walk next passes them)")

@@ -87,7 +87,7 @@ def test_model_tracks_the_kernel(ksm_trace):
     assert kfs >= 4 and abs(mfs - kfs) <= 2
     # the instruction clock alone (clock_hz, the mean rate of the whole trace) runs ksmd far
     # too slowly in phase merge, where the guest mostly idles: measured 3-4 full scans for the
-    # kernel's 6 (this is what the guest clock is for)
+    # kernel's 6 (this is what the guest clock is for); asserted: fewer than the kernel
     plain = analyze(str(ksm_trace), *KSM_ARGS, "--ksm-no-guest-clock", "--ksm-hz", "0")
     assert plain["summary"]["guest_clock_knots"] == 0
-    assert plain["summary"]["model_at_kernel_final_full_scans"] <= kfs - 2
+    assert plain["summary"]["model_at_kernel_final_full_scans"] < kfs
