@@ -125,6 +125,7 @@ import numpy as np
 
 from analyses.base import Analysis, Result, Table
 from analyses.content import one_of_each
+from analyses.guestclock import GUEST_CLOCK_COUNTER, GUEST_HZ_COUNTER, GuestClock
 from analyses.timeline import default_interval, pages_to_mib, samples_in
 from traces.format import Kind, MarkOp
 
@@ -150,10 +151,6 @@ RMAP_ITEM_BYTES = 64  # sizeof(struct ksm_rmap_item) on x86-64
 DEFAULT_CLOCK_HZ = 1_000_000_000
 #: a recorder's estimate of clock units per second, written at the end of a recording
 CLOCK_COUNTER = "tracer.clock_hz"
-#: the guest's CLOCK_MONOTONIC in ns, written by the guest agent every few ms (``clock MS``)
-GUEST_CLOCK_COUNTER = "guest.clock_ns"
-#: the guest kernel's HZ, written by the guest agent with its first clock counter
-GUEST_HZ_COUNTER = "guest.hz"
 KERNEL_PREFIX = "ksm."
 COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "full_scans",
             "general_profit", "ksm_zero_pages")
@@ -244,62 +241,6 @@ def cycle_ms(sleep_ms: float, tick_hz: int) -> Fraction:
         return ms
     j = math.ceil(ms * tick_hz / 1000)
     return Fraction((j + 1) * 1000, tick_hz)
-
-
-class GuestClock:
-    """Trace time <-> guest seconds.
-
-    A recorded trace's clock is retired guest instructions, which stand still while the guest
-    idles and run up to ten times faster while it computes, whereas ksmd sleeps in guest time
-    (jiffies). With the guest agent's ``guest.clock_ns`` counters in the trace the map is
-    piecewise linear through them (one knot per distinct trace time, at the latest guest time
-    drained then: the agent's events reach the trace when the tracer drains the mailbox, at
-    once when the guest idles, at the next epoch end while it computes); outside the knots,
-    and without any, guest time advances by one second per ``hz`` clock units.
-    """
-
-    def __init__(self, hz: float, t: np.ndarray | None = None, g: np.ndarray | None = None
-                 ) -> None:
-        self.hz = float(hz)
-        self.t = np.zeros(0) if t is None else np.asarray(t, dtype=np.float64)
-        self.g = np.zeros(0) if g is None else np.asarray(g, dtype=np.float64)
-        if len(self.t):
-            order = np.argsort(self.t, kind="stable")
-            t, g = self.t[order], np.maximum.accumulate(self.g[order])
-            last = np.r_[t[1:] != t[:-1], True]  # one knot per trace time: the latest
-            t, g = t[last], g[last]
-            keep = np.r_[True, g[1:] > g[:-1]]   # a guest time that did not move: first one
-            self.t, self.g = t[keep], g[keep]
-
-    @property
-    def knots(self) -> int:
-        return len(self.t)
-
-    def guest(self, t: Any) -> Any:
-        """Guest seconds at trace time ``t`` (scalar or array)."""
-        if not len(self.t):
-            return np.asarray(t, dtype=np.float64) / self.hz if isinstance(t, np.ndarray) \
-                else float(t) / self.hz
-        x = np.asarray(t, dtype=np.float64)
-        y = np.interp(x, self.t, self.g)
-        y = np.where(x < self.t[0], self.g[0] - (self.t[0] - x) / self.hz, y)
-        y = np.where(x > self.t[-1], self.g[-1] + (x - self.t[-1]) / self.hz, y)
-        return y if isinstance(t, np.ndarray) else float(y)
-
-    def trace(self, g: Any) -> Any:
-        """Trace time at guest seconds ``g`` (scalar or array): the inverse of ``guest``."""
-        if not len(self.t):
-            return np.asarray(g, dtype=np.float64) * self.hz if isinstance(g, np.ndarray) \
-                else float(g) * self.hz
-        x = np.asarray(g, dtype=np.float64)
-        y = np.interp(x, self.g, self.t)
-        y = np.where(x < self.g[0], self.t[0] - (self.g[0] - x) * self.hz, y)
-        y = np.where(x > self.g[-1], self.t[-1] + (x - self.g[-1]) * self.hz, y)
-        return y if isinstance(g, np.ndarray) else float(y)
-
-    def span(self, a: Any, b: Any) -> Any:
-        """Guest seconds from trace time ``a`` to ``b``."""
-        return self.guest(b) - self.guest(a)
 
 
 def cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
@@ -2171,10 +2112,7 @@ class KsmAnalysis(Analysis):
                             gs.append(int(value))
                         elif name == GUEST_HZ_COUNTER and int(value) > 0:
                             self.trace_tick_hz = int(value)
-        if len(ts) < 2:
-            return GuestClock(hz)
-        g = np.array(gs, dtype=np.float64)
-        return GuestClock(hz, np.array(ts, dtype=np.float64), (g - g[0]) / 1e9)
+        return GuestClock.from_counters(hz, ts, gs)
 
     def _clock_rate(self, replay: Replay) -> tuple[float, str]:
         tr = replay.trace

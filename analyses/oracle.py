@@ -4,13 +4,21 @@ It is full CBPS (thesis eq. 4.8, |H| over the mapped frames) evaluated after eve
 records - every epoch of a recorded trace, every sample of a snapshot trace - from the engine's
 incremental counters, not only at sample times. Savings are integrated over time against what Linux
 already shares (mmap/fork) and against an ideal KSM (KSM hint all, eq. 4.6).
+
+Time. Means and savings are weighted by guest seconds when the trace carries the guest's own
+clock (COUNTER ``guest.clock_ns``, see ``analyses.guestclock``), since retired instructions run
+an order of magnitude slower while the guest idles than while it computes; otherwise by the
+trace's clock, converted to seconds with ``tracer.clock_hz``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from analyses.base import Analysis, Result, Table
+from analyses.guestclock import GUEST_CLOCK_COUNTER, GuestClock
 from analyses.state import ReplayState
 from analyses.timeline import pages_to_mib
 from traces.format import Kind
@@ -32,12 +40,18 @@ class OracleAnalysis(Analysis):
         self.points: list[list[int]] = []
         self.final: dict[str, int] = {}
         self.clock_hz: int | None = None
+        self.clock_t: list[int] = []   # trace times of the guest.clock_ns counters
+        self.clock_ns: list[int] = []
 
     def on_records(self, st: ReplayState, kind: int, records: Any, chunk: Any) -> None:
         if kind == Kind.COUNTER:
-            for r in records:
-                if chunk.string(r["name"]) == CLOCK_COUNTER and r["value"]:
-                    self.clock_hz = int(r["value"])
+            for name_id, _pad, value in records.tolist():
+                name = chunk.string(name_id)
+                if name == CLOCK_COUNTER and value:
+                    self.clock_hz = int(value)
+                elif name == GUEST_CLOCK_COUNTER:
+                    self.clock_t.append(st.t)
+                    self.clock_ns.append(int(value))
 
     def on_interval(self, st: ReplayState, t0: int, t1: int) -> None:
         f = st.figures()
@@ -65,10 +79,19 @@ class OracleAnalysis(Analysis):
             vals = [f.get(k, 0) for k in SERIES]
             pts = active = [[self.t_end, self.t_end, *vals]]
 
+        hz = tr.header.get("clock_hz") or self.clock_hz
+        clock = GuestClock.from_counters(float(hz or 1), self.clock_t, self.clock_ns)
+        if clock.knots and pts and duration:
+            ends = clock.guest(np.array([[p[0], p[1]] for p in pts], dtype=np.float64))
+            weight = list(np.maximum(ends[:, 1] - ends[:, 0], 0.0))
+        else:
+            weight = [float(p[1] - p[0]) for p in pts]
+        total = sum(weight)
+
         def tw(i: int) -> float:
-            if duration == 0:
+            if duration == 0 or total == 0:
                 return float(pts[0][i])
-            return sum((p[1] - p[0]) * p[i] for p in pts) / duration
+            return sum(w * p[i] for w, p in zip(weight, pts, strict=True)) / total
 
         oracle_vals = [p[2] for p in active] or [0]
         r.summary["oracle_min"] = min(oracle_vals)
@@ -87,14 +110,29 @@ class OracleAnalysis(Analysis):
         r.summary["savings_vs_mmap_fork"] = save_mf
         r.summary["savings_vs_ksm_hint_all"] = save_ksm
         r.units["savings_vs_mmap_fork"] = r.units["savings_vs_ksm_hint_all"] = f"page*{unit}"
-        hz = tr.header.get("clock_hz") or self.clock_hz
-        if hz:
-            for k in ("savings_vs_mmap_fork", "savings_vs_ksm_hint_all"):
-                r.summary[k + "_mib_s"] = round(pages_to_mib(r.summary[k], ps) / float(hz), 3)
-                r.units[k + "_mib_s"] = "MiB*s"
-        if duration:
-            r.summary["savings_vs_mmap_fork_mean"] = round(save_mf / duration, 2)
-            r.summary["savings_vs_ksm_hint_all_mean"] = round(save_ksm / duration, 2)
+        if clock.knots:
+            page_s = {"savings_vs_mmap_fork": sum(w * (p[3] - p[2]) for w, p in zip(
+                          weight, pts, strict=True)),
+                      "savings_vs_ksm_hint_all": sum(w * (p[4] - p[2]) for w, p in zip(
+                          weight, pts, strict=True))}
+        elif hz:
+            page_s = {k: r.summary[k] / float(hz)
+                      for k in ("savings_vs_mmap_fork", "savings_vs_ksm_hint_all")}
+        else:
+            page_s = {}
+        for k, v in page_s.items():
+            r.summary[k + "_mib_s"] = round(pages_to_mib(v, ps), 3)
+            r.units[k + "_mib_s"] = "MiB*s"
+        if clock.knots:
+            r.summary["guest_seconds"] = round(total, 3)
+            r.units["guest_seconds"] = "s"
+        r.summary["time_base"] = (f"guest clock ({clock.knots} {GUEST_CLOCK_COUNTER} knots)"
+                                  if clock.knots else
+                                  f"trace clock ({unit})" + (", tracer.clock_hz for seconds"
+                                                             if hz else ""))
+        if duration and total:
+            r.summary["savings_vs_mmap_fork_mean"] = round(tw(3) - tw(2), 2)
+            r.summary["savings_vs_ksm_hint_all_mean"] = round(tw(4) - tw(2), 2)
             r.units["savings_vs_mmap_fork_mean"] = "pages"
             r.units["savings_vs_ksm_hint_all_mean"] = "pages"
         r.summary["duration"] = duration

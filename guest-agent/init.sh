@@ -1,7 +1,8 @@
 #!/bin/sh
 # memtrace guest /init (busybox sh). Reads its settings from the kernel command line:
 #   memtrace.scenario=NAME memtrace.n=N memtrace.mailbox_phys=ADDR memtrace.mailbox_size=SIZE
-#   memtrace.agent=0 (do not load the agent)  memtrace.dump_wait_ms=MS  memtrace.clock_ms=MS
+#   memtrace.agent=0 (do not load the agent)  memtrace.dump_wait_ms=MS
+#   memtrace.clock_ms=MS (the guest's clock into the trace every MS ms; default 100, 0: off)
 #   memtrace.shell=1
 # When mailbox_phys/size are absent they are taken from memmap=SIZE$PHYS.
 export PATH=/bin:/usr/bin
@@ -42,7 +43,8 @@ esac
 PHYS=$(tobytes "$PHYS")
 SIZE=$(tobytes "$SIZE")
 WAIT=$(param memtrace.dump_wait_ms "")
-CLOCK=$(param memtrace.clock_ms "")
+# the guest's own clock in every trace: analyses weigh time by guest seconds, not instructions
+CLOCK=$(param memtrace.clock_ms 100)
 
 echo "MEMTRACE-INIT kernel=$(uname -r) scenario=$SCEN n=$N mailbox_phys=$PHYS mailbox_size=$SIZE"
 if [ "$(param memtrace.agent 1)" = 1 ]; then

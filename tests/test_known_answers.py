@@ -166,3 +166,25 @@ def test_fork_copies_the_parents_vmas(tmp_path):
     assert [(v.start, v.end, v.path) for v in st.spaces[8].vmas.values()] == \
         [(0x1000, 0x3000, "/lib/x.so")]
     assert st.spaces[8].vmas[0x1000] is not st.spaces[7].vmas[0x1000]
+
+
+def test_oracle_weighs_by_guest_seconds_when_the_trace_has_the_guest_clock(tmp_path):
+    # Same as above, but the guest's clock says [10, 20) took 0.1 s, [20, 30) 0.8 s (the guest
+    # idled: few instructions, much time) and [30, 40) 0.1 s.
+    b = Builder(tmp_path / "t.mtr").at(10)
+    b.w.counter("guest.clock_ns", 5_000_000_000)
+    b.page(1, 0xA).page(2, 0xA).map(1, 0, 1).map(2, 0, 2)
+    b.at(20)
+    b.w.counter("guest.clock_ns", 5_100_000_000)
+    b.page(2, 0xB).at(30)
+    b.w.counter("guest.clock_ns", 5_900_000_000)
+    b.page(2, 0xA).at(40)
+    b.w.counter("guest.clock_ns", 6_000_000_000)
+    b.close()
+    o = replay(tmp_path / "t.mtr", interval=10)["results"]["oracle"]
+    assert o.summary["time_base"].startswith("guest clock (4 ")
+    assert o.summary["guest_seconds"] == 1.0
+    assert o.summary["oracle_mean"] == round(0.1 * 1 + 0.8 * 2 + 0.1 * 1, 2)  # 1.8, not 1.33
+    assert o.summary["savings_vs_mmap_fork"] == 20  # still in page*instructions
+    assert o.summary["savings_vs_mmap_fork_mean"] == 0.2  # saved 1 page for 0.2 of 1 s
+    assert o.summary["savings_vs_mmap_fork_mib_s"] == round(1 * 0.2 / 256, 3)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from analyses.engine import Replay
-from analyses.ksm import VM_MERGEABLE, GuestClock, KsmAnalysis, cycle_ms
+from analyses.guestclock import GuestClock
+from analyses.ksm import VM_MERGEABLE, KsmAnalysis, cycle_ms
 from tests.helpers import Builder
 from traces.format import MarkOp, VmaOp
 from traces.reader import open_trace

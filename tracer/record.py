@@ -44,12 +44,15 @@ VERSION = "0.1.0"
 
 
 def guest_image(build: bool = True) -> dict[str, Any]:
-    """The guest image's manifest (kernel, initramfs, identity), building it if missing."""
+    """The guest image's manifest (kernel, initramfs, identity), building it if missing or if
+    its inputs (agent sources, init, scenarios) changed: build_image.py checks that in a few ms."""
     manifest = GUEST / "manifest.json"
-    if not manifest.exists() and build:
-        print("trace-record: building the guest image (cached in build/guest)", file=sys.stderr)
+    if build:
+        if not manifest.exists():
+            print("trace-record: building the guest image (cached in build/guest)",
+                  file=sys.stderr)
         r = subprocess.run([sys.executable, str(ROOT / "guest-agent" / "build_image.py"),
-                            "--out", str(GUEST)], timeout=3600)
+                            "--out", str(GUEST)], stdout=subprocess.DEVNULL, timeout=3600)
         if r.returncode != 0:
             raise SetupError("building the guest image failed (see above); rerun "
                              "python3 guest-agent/build_image.py")

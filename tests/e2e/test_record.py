@@ -79,6 +79,11 @@ def test_verify_and_analyze(single_trace):
     # a real multi-process workload maps pages, and Linux already shares some (libraries)
     assert peak["peak_no_sharing"] > peak["peak_mmap_fork"] > 0
     assert peak["peak_mmap_fork"] >= peak["peak_ksm_hint_all"] >= peak["peak_full_cbps"] > 0
+    # the guest's clock is in every trace (every 100 ms of guest time): the oracle weighs by it
+    oracle = doc["results"]["oracle"]["summary"]
+    assert oracle["time_base"].startswith("guest clock"), oracle["time_base"]
+    assert oracle["guest_seconds"] > 0.5
+    assert oracle["oracle_min"] <= oracle["oracle_mean"] <= oracle["oracle_max"]
 
 
 def test_trace_has_tasks_vmas_and_mappings(single_trace):
