@@ -9,33 +9,18 @@ from __future__ import annotations
 
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
-from analyses.engine import Replay
 from analyses.guestclock import GuestClock
-from analyses.ksm import VM_MERGEABLE, KsmAnalysis, cycle_ms
+from analyses.ksm import VM_MERGEABLE, cycle_ms
 from tests.helpers import Builder
+from tests.test_ksm import run, series
 from traces.format import MarkOp, VmaOp
-from traces.reader import open_trace
 
 RW = 0x3
 PAGE = 4096
-
-
-def run(path: Path, interval: int = 1, **kw: Any) -> tuple[KsmAnalysis, Any]:
-    kw.setdefault("hints", False)
-    a = KsmAnalysis(interval=interval, **kw)
-    Replay(open_trace(path), [a], progress=False).run()
-    return a, a.result()
-
-
-def series(res: Any, col: str) -> dict[int, Any]:
-    t = res.tables["series"]
-    i = t.columns.index(col)
-    return {row[0]: row[i] for row in t.rows}
 
 
 def two_identical(b: Builder, flags: int = RW | VM_MERGEABLE) -> None:
