@@ -69,7 +69,8 @@ from typing import Any, NoReturn, Protocol
 import numpy as np
 
 from analyses.base import Analysis, Result, Table
-from analyses.content import ZERO_HASH, ContentTable, page_hash
+from analyses.content import ZERO_HASH, page_hash
+from analyses.kernels import ContentTable
 from analyses.state import AddressSpace, ReplayState, Task, Vma
 from analyses.timeline import default_interval, samples_in
 from traces.format import Kind

@@ -148,20 +148,31 @@ def table_select(keys: np.ndarray, vals: np.ndarray, mmid: int
     return lo_out, v_out
 
 
-@hot
-def content_ids(keys: np.ndarray, vals: np.ndarray, shift: np.uint64, lo: np.ndarray,
-                hi: np.ndarray, n: int, hash_lo: np.ndarray, hash_hi: np.ndarray,
-                out: np.ndarray) -> int:
-    """Dense ids of the given hashes into ``out``, appending unknown hashes as new ids; returns
-    the new number of ids.
+# ContentArrays = (keys, vals, shift, lo, hi, counts): the content table's slots and hash shift
+#   (``shift[0]``), the full hash of each id, and counts = [ids assigned, entries in the table].
+#   The low 64 bits are the key (see ``analyses.content``); key 0 marks empty slots, so a hash
+#   whose low half is 0 is stored under another fixed key (one more 64-bit collision chance).
+#   Every content ever seen keeps its entry and its id (analyses remember ids: a content that
+#   comes back must get the same one), so the table grows with the distinct contents of the
+#   trace, about 50 bytes each with the per-id arrays of the state.
+ContentArrays = tuple
 
-    The low 64 bits are the key (see ``analyses.content``); key 0 marks empty slots, so a hash
-    whose low half is 0 is stored under another fixed key (one more 64-bit collision chance)."""
+
+@hot
+def _content_key(lo: np.uint64) -> np.uint64:
+    return lo if lo != 0 else np.uint64(0x8000000000000001)
+
+
+@hot
+def content_ids(ct: ContentArrays, hash_lo: np.ndarray, hash_hi: np.ndarray,
+                out: np.ndarray) -> None:
+    """Dense ids of the given hashes into ``out``, appending unknown hashes as new ids. The
+    table must have room for ``len(hash_lo)`` more entries."""
+    keys, vals, shift, lo, hi, counts = ct
+    n = counts[0]
     for i in range(len(hash_lo)):
-        key = hash_lo[i]
-        if key == 0:
-            key = np.uint64(0x8000000000000001)  # 0 marks empty slots; see ContentTable
-        s = table_find(keys, key, shift)
+        key = _content_key(hash_lo[i])
+        s = table_find(keys, key, shift[0])
         if s >= 0:
             out[i] = vals[s]
         else:
@@ -172,7 +183,8 @@ def content_ids(keys: np.ndarray, vals: np.ndarray, shift: np.uint64, lo: np.nda
             hi[n] = hash_hi[i]
             out[i] = n
             n += 1
-    return n
+            counts[1] += 1
+    counts[0] = n
 
 
 # -- counters -----------------------------------------------------------------------------------
@@ -397,3 +409,50 @@ class Table:
     def select(self, mmid: int) -> tuple[np.ndarray, np.ndarray]:
         """(low 40 bits of the key, value) of the entries of address space ``mmid``."""
         return table_select(self.keys, self.vals, mmid)
+
+
+class ContentTable:
+    """Maps content hashes to dense ids (0, 1, 2, ...), assigning new ids on first sight.
+
+    A hash table keyed by the hash's low 64 bits (``Table``), probed by a compiled loop;
+    ``lo``/``hi`` give the full hash of each id.
+    """
+
+    def __init__(self, capacity_bits: int = 12) -> None:
+        self.lo = np.empty(1024, dtype=np.uint64)
+        self.hi = np.empty(1024, dtype=np.uint64)
+        self.counts = np.zeros(2, dtype=np.int64)  # ids assigned, entries in the table
+        self._table = Table(capacity_bits)
+
+    @property
+    def n(self) -> int:
+        return int(self.counts[0])
+
+    def __len__(self) -> int:
+        return int(self.counts[0])
+
+    def kernel_view(self) -> tuple[np.ndarray, ...]:
+        """The arrays the compiled loops work on (``ContentArrays``)."""
+        t = self._table
+        return (t.keys, t.vals, np.array([t.shift], dtype=np.uint64), self.lo, self.hi,
+                self.counts)
+
+    def ids(self, hash_lo: np.ndarray, hash_hi: np.ndarray) -> np.ndarray:
+        """Content ids for the given hashes (int64 array, same length)."""
+        lo = np.ascontiguousarray(hash_lo, dtype=np.uint64)
+        k = len(lo)
+        if k == 0:
+            return np.empty(0, dtype=np.int64)
+        self._table.reserve(int(self.counts[1]), k)
+        n = self.n
+        if n + k > len(self.lo):
+            size = max(n + k, 2 * len(self.lo))
+            self.lo = np.resize(self.lo, size)
+            self.hi = np.resize(self.hi, size)
+        out = np.empty(k, dtype=np.int64)
+        content_ids(self.kernel_view(), lo, np.ascontiguousarray(hash_hi, dtype=np.uint64), out)
+        return out
+
+    def id_of(self, hash_lo: int, hash_hi: int) -> int:
+        return int(self.ids(np.array([hash_lo], dtype=np.uint64),
+                            np.array([hash_hi], dtype=np.uint64))[0])

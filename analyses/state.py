@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from analyses import kernels
-from analyses.content import ZERO_HASH, ContentTable, one_of_each
+from analyses.content import ZERO_HASH, one_of_each
 from analyses.kernels import (
     C_DISTINCT_ALL,
     C_DISTINCT_ANON,
@@ -31,6 +31,7 @@ from analyses.kernels import (
     C_ZERO_MAPPED,
     MMID_SHIFT,
     N_COUNTERS,
+    ContentTable,
     Table,
 )
 from traces.format import MAP_PRESENT, PageCacheOp, TaskOp, VmaOp
