@@ -938,8 +938,8 @@ static void mta_state_dump(void)
  * The trace's clock is retired guest instructions, which stand still while the guest idles;
  * the guest's own time (CLOCK_MONOTONIC, which jiffies and every sleep follow) goes into the
  * trace as COUNTER guest.clock_ns, once when switched on and then every mta_clock_ms from a
- * timer, so that analyses can map trace time to guest time. Switching it on also reports HZ
- * (COUNTER guest.hz).
+ * timer, so that analyses can map trace time to guest time. Setting it, and "start" while it
+ * runs, also report HZ (COUNTER guest.hz), so that a trace that begins at START has both.
  */
 #define MT_CLOCK_COUNTER "guest.clock_ns"
 #define MT_HZ_COUNTER "guest.hz"
@@ -964,6 +964,15 @@ static void mta_clock_fn(struct timer_list *t)
 	mod_timer(&mta_clock_timer, jiffies + max(1UL, msecs_to_jiffies(ms)));
 }
 
+/* HZ and the clock now: the tick rate too, since kernel sleeps (ksmd's) are whole jiffies */
+static void mta_clock_announce(void)
+{
+	struct mta_counter e = { .value = HZ };
+
+	mta_emit(MT_COUNTER, 0, &e, sizeof(e), MT_HZ_COUNTER);
+	mta_clock_emit();
+}
+
 static void mta_clock_set(unsigned int ms)
 {
 	WRITE_ONCE(mta_clock_ms, ms);
@@ -971,13 +980,7 @@ static void mta_clock_set(unsigned int ms)
 		del_timer_sync(&mta_clock_timer);
 		return;
 	}
-	if (!timer_pending(&mta_clock_timer)) {
-		/* the tick rate too: kernel sleeps (ksmd's) are whole jiffies */
-		struct mta_counter e = { .value = HZ };
-
-		mta_emit(MT_COUNTER, 0, &e, sizeof(e), MT_HZ_COUNTER);
-	}
-	mta_clock_emit();
+	mta_clock_announce();
 	mod_timer(&mta_clock_timer, jiffies + max(1UL, msecs_to_jiffies(ms)));
 }
 
@@ -1000,6 +1003,8 @@ static ssize_t mta_proc_write(struct file *file, const char __user *ubuf, size_t
 	}
 	if (!strcmp(cmd, "start")) {
 		mta_state_dump();
+		if (READ_ONCE(mta_clock_ms))
+			mta_clock_announce();
 		mta_mark(MARK_START, 0, "");
 	} else if (!strcmp(cmd, "stop")) {
 		mta_mark(MARK_STOP, 0, "");

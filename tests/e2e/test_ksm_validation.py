@@ -65,7 +65,8 @@ def test_trace_has_madvise_and_guest_clock(ksm_trace):
     # 2 processes x 2 buffers, each madvised once
     assert protect_mergeable >= 4
     assert counters.get("guest.clock_ns", 0) >= 100  # >= 2 s of guest time at 10 ms
-    assert counters.get("guest.hz") == 1
+    assert counters.get("guest.hz", 0) >= 1  # at start (the clock runs from boot) and at 'clock'
+
     assert counters.get("ksm.pages_sharing", 0) >= 20  # sampled every 0.1 s for 4 s
 
 
