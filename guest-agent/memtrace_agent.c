@@ -553,6 +553,19 @@ static int mta_munmap_ret(struct kretprobe_instance *ri, struct pt_regs *regs)
 	return 0;
 }
 
+/* A VMA PROTECT event for [start, end) of ``vma`` (flags filled in by the caller). */
+static void mta_protect_event(struct mta_vma *e, struct vm_area_struct *vma, unsigned long start,
+			      unsigned long end)
+{
+	memset(e, 0, sizeof(*e));
+	e->op = VMA_PROTECT;
+	e->mm = (u64)(unsigned long)vma->vm_mm;
+	e->start = start;
+	e->end = end;
+	e->pgoff = vma->vm_pgoff + ((start - vma->vm_start) >> PAGE_SHIFT);
+	mta_file_id(vma->vm_file, &e->dev, &e->ino, NULL, 0);
+}
+
 /* int mprotect_fixup(tlb, vma, pprev, start, end, newflags); mmap_lock held for write */
 struct mta_mprot_data {
 	struct mta_vma e;
@@ -561,16 +574,9 @@ struct mta_mprot_data {
 static int mta_mprot_entry(struct kretprobe_instance *ri, struct pt_regs *regs)
 {
 	struct mta_mprot_data *d = (void *)ri->data;
-	struct vm_area_struct *vma = (struct vm_area_struct *)regs->si;
 
-	memset(&d->e, 0, sizeof(d->e));
-	d->e.op = VMA_PROTECT;
-	d->e.mm = (u64)(unsigned long)vma->vm_mm;
-	d->e.start = regs->cx;
-	d->e.end = regs->r8;
+	mta_protect_event(&d->e, (struct vm_area_struct *)regs->si, regs->cx, regs->r8);
 	d->e.vm_flags = regs->r9;
-	d->e.pgoff = vma->vm_pgoff + ((regs->cx - vma->vm_start) >> PAGE_SHIFT);
-	mta_file_id(vma->vm_file, &d->e.dev, &d->e.ino, NULL, 0);
 	return 0;
 }
 
@@ -600,17 +606,10 @@ struct mta_madv_data {
 static int mta_madv_entry(struct kretprobe_instance *ri, struct pt_regs *regs)
 {
 	struct mta_madv_data *d = (void *)ri->data;
-	struct vm_area_struct *vma = (struct vm_area_struct *)regs->di;
 
 	d->flagsp = (unsigned long *)regs->r8;
 	d->old = d->flagsp ? *d->flagsp : 0;
-	memset(&d->e, 0, sizeof(d->e));
-	d->e.op = VMA_PROTECT;
-	d->e.mm = (u64)(unsigned long)vma->vm_mm;
-	d->e.start = regs->si;
-	d->e.end = regs->dx;
-	d->e.pgoff = vma->vm_pgoff + ((regs->si - vma->vm_start) >> PAGE_SHIFT);
-	mta_file_id(vma->vm_file, &d->e.dev, &d->e.ino, NULL, 0);
+	mta_protect_event(&d->e, (struct vm_area_struct *)regs->di, regs->si, regs->dx);
 	return 0;
 }
 
