@@ -64,7 +64,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -120,20 +120,6 @@ MAX_INDEXED_FILE = 256 << 20  # host files larger than this are not indexed by c
 
 
 # -- the state read at one instant -------------------------------------------------------------
-class StateView(Protocol):
-    """What the attribution reads of a replay state (a live ``ReplayState`` or a frozen copy)."""
-
-    t: int
-    page_size: int
-    content: np.ndarray
-    named: np.ndarray
-    file_of: dict[int, tuple[int, int, int]]
-    spaces: dict[int, AddressSpace]
-    tasks: dict[int, Task]
-    zero_cid: int
-    contents: ContentTable
-
-
 @dataclass
 class FrozenState:
     """A copy of the parts of a ``ReplayState`` the attribution reads, kept for later.
@@ -155,9 +141,20 @@ class FrozenState:
     contents: ContentTable
     mapped_frames: int = 0
 
+    def mappings(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """mm -> (virtual pages, frames), as ``ReplayState.mappings``."""
+        return {mm: sp.mapping() for mm, sp in self.spaces.items() if sp.npages}
+
+
+#: what the attribution reads: a live replay state or a copy kept for later
+StateView = ReplayState | FrozenState
+
 
 def freeze(st: ReplayState, t: int | None = None) -> FrozenState:
-    spaces = {mm: sp.freeze() for mm, sp in st.spaces.items() if sp.npages or sp.vmas}
+    maps = st.mappings()
+    empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    spaces = {mm: sp.freeze(maps.get(mm, empty)) for mm, sp in st.spaces.items()
+              if mm in maps or sp.vmas}
     return FrozenState(st.t if t is None else t, st.page_size, st.content.copy(),
                        st.named.copy(), dict(st.file_of), spaces,
                        {pid: copy.copy(task) for pid, task in st.tasks.items()}, st.zero_cid,
@@ -572,11 +569,12 @@ class Attributor:
         """Attribute the state ``st`` (labelled with time ``t``, default ``st.t``)."""
         zero = st.zero_cid
         # -- pairs: one per (address space, frame), with the lowest virtual page mapping it
-        mms = sorted(mm for mm, sp in st.spaces.items() if sp.npages)
+        maps = st.mappings()
+        mms = sorted(maps)
         labels = [(mm, *space_label(st, mm)) for mm in mms]
         parts_s, parts_v, parts_f = [], [], []
         for i, mm in enumerate(mms):
-            vpn, frame = st.spaces[mm].mapping()
+            vpn, frame = maps[mm]
             parts_s.append(np.full(len(vpn), i, dtype=np.int64))
             parts_v.append(vpn)
             parts_f.append(frame)

@@ -48,10 +48,8 @@ def state_blocks(st: ReplayState) -> BlockBuffer:
         b.add(Kind.PAGECACHE, records(Kind.PAGECACHE, op=PageCacheOp.ADD, dev=st.file_dev[frames],
                                       ino=st.file_ino[frames], index=st.file_index[frames],
                                       frame=frames))
-    for mm, sp in st.spaces.items():
-        if sp.npages:
-            vpn, fr = sp.mapping()
-            b.add(Kind.MAP, records(Kind.MAP, mm=mm, vpn=vpn, frame=fr, flags=MAP_PRESENT))
+    for mm, (vpn, fr) in st.mappings().items():
+        b.add(Kind.MAP, records(Kind.MAP, mm=mm, vpn=vpn, frame=fr, flags=MAP_PRESENT))
     known = np.flatnonzero(st.content >= 0)
     if len(known):
         cid = st.content[known]

@@ -76,10 +76,8 @@ def per_space(st: ReplayState) -> list[dict[str, Any]]:
     for t in sorted(st.tasks.values(), key=lambda t: t.pid):
         if t.mm and t.pid == t.tgid:
             names.setdefault(t.mm, []).append(f"{t.comm}[{t.tgid}]")
-    for mm, sp in st.spaces.items():
-        if not sp.npages:
-            continue
-        frames = sp.frames()[0]
+    for mm, (vpn, frame) in st.mappings().items():
+        frames = np.unique(frame)
         c = st.content[frames]
         named = st.named[frames]
         known = c >= 0
@@ -88,7 +86,7 @@ def per_space(st: ReplayState) -> list[dict[str, Any]]:
         rows.append({
             "mm": f"{mm:#x}",
             "tasks": " ".join(names.get(mm, [])) or "?",
-            "vpages": sp.npages,
+            "vpages": len(vpn),
             "frames": len(frames),
             "anon": int((~named).sum()),
             "named": int(named.sum()),

@@ -29,6 +29,7 @@ from analyses.kernels import (
     C_VPAGES,
     C_ZERO_CID,
     C_ZERO_MAPPED,
+    LOW_MASK,
     MMID_SHIFT,
     N_COUNTERS,
     ContentTable,
@@ -140,10 +141,11 @@ class AddressSpace:
         f, refs = self.frames()
         return dict(zip(f.tolist(), refs.tolist(), strict=True))
 
-    def freeze(self) -> AddressSpace:
-        """A copy that keeps its mappings when the state moves on."""
+    def freeze(self, mapping: tuple[np.ndarray, np.ndarray] | None = None) -> AddressSpace:
+        """A copy that keeps its mappings (``mapping()``, unless given) when the state moves
+        on."""
         return AddressSpace(self.mm, self.mmid, dict(self.vmas), set(self.pids),
-                            self.had_tasks, None, self.mapping())
+                            self.had_tasks, None, self.mapping() if mapping is None else mapping)
 
 
 class ContentListener(Protocol):
@@ -198,6 +200,7 @@ class ReplayState:
         self.space_pages = np.zeros(64, dtype=np.int64)  # present virtual pages per mmid
         self.next_mmid = 1
         self.version = 0  # bumped by every change
+        self._all_mappings: tuple[int, dict[int, tuple[np.ndarray, np.ndarray]]] | None = None
 
     vpages = _counter(C_VPAGES, "present virtual pages over all address spaces")
     pairs = _counter(C_PAIRS, "(address space, frame) pairs: the no-sharing figure")
@@ -227,6 +230,29 @@ class ReplayState:
             "guest_frames": c[C_KNOWN],
             "guest_distinct": c[C_DISTINCT_ALL],
         }
+
+    def mappings(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """mm -> (virtual pages, frames) sorted by virtual page, for every space with pages:
+        one pass over the mapping table (``AddressSpace.mapping()`` scans it for one space),
+        kept until the next change."""
+        if self._all_mappings is not None and self._all_mappings[0] == self.version:
+            return self._all_mappings[1]
+        occupied = self.vmap.keys != 0
+        keys, frames = self.vmap.keys[occupied], self.vmap.vals[occupied]
+        if not len(keys):
+            self._all_mappings = (self.version, {})
+            return {}
+        order = np.argsort(keys)
+        keys, frames = keys[order], frames[order]
+        mmid = (keys >> np.uint64(MMID_SHIFT)).astype(np.int64)
+        vpn = (keys & np.uint64(LOW_MASK)).astype(np.int64)
+        starts = np.flatnonzero(np.r_[True, mmid[1:] != mmid[:-1]])
+        ends = np.r_[starts[1:], len(keys)]
+        by_mmid = {int(mmid[a]): (vpn[a:b], frames[a:b])
+                   for a, b in zip(starts.tolist(), ends.tolist(), strict=True)}
+        out = {mm: by_mmid[sp.mmid] for mm, sp in self.spaces.items() if sp.mmid in by_mmid}
+        self._all_mappings = (self.version, out)
+        return out
 
     @property
     def file_of(self) -> dict[int, tuple[int, int, int]]:
