@@ -68,7 +68,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from analyses.base import Analysis, Result, Table
+from analyses.base import Analysis, Result, Table, positive_int
 from analyses.content import ZERO_HASH, page_hash
 from analyses.kernels import ContentTable
 from analyses.state import AddressSpace, ReplayState, Task, Vma
@@ -873,16 +873,6 @@ def _usage_error(msg: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def _positive(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return v
-
-
 class AttributionAnalysis(Analysis):
     """Attribute frames and savings to tasks, executables, files, ELF sections and memory kinds.
 
@@ -910,7 +900,7 @@ class AttributionAnalysis(Analysis):
                             "executables, self vs cross sharing), file (and offset), section "
                             "(ELF section, needs --guest-root) or kind (heap, stack, file, cow, "
                             "bss, shmem, anon, zero, ...); all: every view")
-        g.add_argument("--top", dest="attr_top", action=_Select, type=_positive, metavar="K",
+        g.add_argument("--top", dest="attr_top", action=_Select, type=positive_int, metavar="K",
                        default=None,
                        help="the K most duplicated contents and their copies' owners")
         when = g.add_mutually_exclusive_group()

@@ -19,6 +19,17 @@ if TYPE_CHECKING:
     from traces.reader import Chunk
 
 
+def positive_int(s: str) -> int:
+    """An argparse type for counts such as ``--top K``: an integer of at least 1."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {s!r}")
+    return v
+
+
 @dataclass
 class Table:
     """Rows of values under named columns (a series when the first column is time)."""

@@ -123,7 +123,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from analyses.base import Analysis, Result, Table
+from analyses.base import Analysis, Result, Table, positive_int
 from analyses.content import one_of_each
 from analyses.guestclock import GUEST_CLOCK_COUNTER, GUEST_HZ_COUNTER, GuestClock
 from analyses.timeline import default_interval, pages_to_mib, samples_in
@@ -1893,16 +1893,6 @@ class HintedModel(KsmModel):
 # The analysis
 # ------------------------------------------------------------------------------------------------
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {s!r}")
-    return v
-
-
 def _positive_float(s: str) -> float:
     try:
         v = float(s)
@@ -1914,7 +1904,7 @@ def _positive_float(s: str) -> float:
 
 
 def _max_sharing(s: str) -> int:
-    v = _positive_int(s)
+    v = positive_int(s)
     if v < 2:
         # max_page_sharing_store: "When a KSM page is created it is shared by 2 mappings"
         raise argparse.ArgumentTypeError("max_page_sharing must be at least 2 (as in the kernel)")
@@ -1932,7 +1922,7 @@ def parse_sweep(s: str) -> list[tuple[int, float]]:
         if not sep:
             raise argparse.ArgumentTypeError(
                 f"--ksm-sweep: {part!r} is not PAGES:SLEEP_MS (e.g. 100:20,1000:20)")
-        out.append((_positive_int(a), _positive_float(b)))
+        out.append((positive_int(a), _positive_float(b)))
     if not out:
         raise argparse.ArgumentTypeError("--ksm-sweep: no PAGES:SLEEP_MS pair")
     return out
@@ -1965,7 +1955,7 @@ class KsmAnalysis(Analysis):
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("KSM model (--ksm)")
-        g.add_argument("--ksm-pages-to-scan", type=_positive_int, default=100, metavar="N",
+        g.add_argument("--ksm-pages-to-scan", type=positive_int, default=100, metavar="N",
                        help="pages ksmd scans per batch (sysfs pages_to_scan; default 100)")
         g.add_argument("--ksm-sleep-ms", type=_positive_float, default=20.0, metavar="MS",
                        help="guest milliseconds between batches (sleep_millisecs; default 20)")
