@@ -9,11 +9,9 @@ import numpy as np
 from tqdm import tqdm
 
 from analyses.base import Analysis
-from analyses.state import ReplayState
+from analyses.state import FrameBeyondRam, ReplayState
 from traces.format import Kind, MarkOp
 from traces.reader import Chunk, ChunkInfo, Trace, TraceError
-
-FRAME_FIELD = {Kind.PAGE: "frame", Kind.MAP: "frame", Kind.PAGECACHE: "frame"}
 
 
 class Replay:
@@ -27,7 +25,6 @@ class Replay:
         self.progress = sys.stderr.isatty() if progress is None else progress
         nframes = trace.ram_size // trace.page_size if trace.ram_size else 0
         self.state = ReplayState(nframes, trace.page_size)
-        self.max_frames = max(4 * nframes, 1 << 24)
         self.t_start: int | None = None
         self.interrupted = False
         for a in self.analyses:
@@ -53,15 +50,16 @@ class Replay:
 
         Returns False if it stopped early.
         """
+        try:
+            return self._apply_blocks(chunk, until)
+        except FrameBeyondRam as e:
+            raise TraceError(self.trace.path, chunk.info.offset,
+                             f"{e} ({self.trace.ram_size} bytes)",
+                             "the trace is corrupt or its header's ram_size is wrong") from None
+
+    def _apply_blocks(self, chunk: Chunk, until: int | None) -> bool:
         st = self.state
         for kind, rec in chunk.blocks:
-            if kind in FRAME_FIELD and len(rec):
-                top = int(rec[FRAME_FIELD[kind]].max())
-                if top >= self.max_frames:
-                    raise TraceError(self.trace.path, chunk.info.offset,
-                                     f"frame {top:#x} is beyond guest RAM "
-                                     f"({self.trace.ram_size} bytes)",
-                                     "the trace is corrupt or its header's ram_size is wrong")
             if kind == Kind.TIME:
                 for t in rec["t"].tolist():
                     if until is not None and t > until:

@@ -33,6 +33,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from traces.format import MAP_PRESENT, PageCacheOp
+
 # indices into the counter array
 C_VPAGES = 0          # present virtual pages over all address spaces
 C_PAIRS = 1           # (address space, frame) pairs: the "no sharing" figure
@@ -50,7 +52,11 @@ N_COUNTERS = 12
 
 MMID_SHIFT = 40
 LOW_MASK = (1 << MMID_SHIFT) - 1
+_PC_ADD = int(PageCacheOp.ADD)
+_PC_DEL = int(PageCacheOp.DEL)
 _MULT = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing
+_RUN_BITS = np.uint64(4)  # see _home
+_RUN_MASK = np.uint64(15)
 
 # The per-record loops and their helpers are compiled without numba's reference counting
 # (``_nrt=False``): they allocate nothing, and the counting it adds to every array passed to a
@@ -62,7 +68,12 @@ hot = njit(cache=True, _nrt=False)
 # -- hash tables --------------------------------------------------------------------------------
 @hot
 def _home(key: np.uint64, shift: np.uint64) -> int:
-    return np.int64((key * _MULT) >> shift)
+    """Home slot of ``key`` in a table of ``64 - shift`` bits: keys that differ only in their
+    low ``_RUN_BITS`` bits get neighbouring slots. Mapping records come in runs of consecutive
+    virtual pages (95% of a recorded trace's MAP records follow the previous one's page), so
+    their probes then fall in the cache lines the run before them already brought in."""
+    group = (((key >> _RUN_BITS) * _MULT) >> shift) >> _RUN_BITS
+    return np.int64((group << _RUN_BITS) | (key & _RUN_MASK))
 
 
 @hot
@@ -149,12 +160,13 @@ def table_select(keys: np.ndarray, vals: np.ndarray, mmid: int
 
 
 # ContentArrays = (keys, vals, shift, lo, hi, counts): the content table's slots and hash shift
-#   (``shift[0]``), the full hash of each id, and counts = [ids assigned, entries in the table].
-#   The low 64 bits are the key (see ``analyses.content``); key 0 marks empty slots, so a hash
-#   whose low half is 0 is stored under another fixed key (one more 64-bit collision chance).
-#   Every content ever seen keeps its entry and its id (analyses remember ids: a content that
-#   comes back must get the same one), so the table grows with the distinct contents of the
-#   trace, about 50 bytes each with the per-id arrays of the state.
+#   (``shift[0]``), the full hash of each id, and counts = [ids assigned, entries in the table,
+#   most entries allowed before the table must grow]. The low 64 bits are the key (see
+#   ``analyses.content``); key 0 marks empty slots, so a hash whose low half is 0 is stored under
+#   another fixed key (one more 64-bit collision chance). Every content ever seen keeps its entry
+#   and its id (analyses remember ids: a content that comes back must get the same one), so the
+#   table grows with the distinct contents of the trace, about 40 bytes each with the per-id
+#   arrays of the state.
 ContentArrays = tuple
 
 
@@ -164,35 +176,50 @@ def _content_key(lo: np.uint64) -> np.uint64:
 
 
 @hot
-def content_ids(ct: ContentArrays, hash_lo: np.ndarray, hash_hi: np.ndarray,
-                out: np.ndarray) -> None:
-    """Dense ids of the given hashes into ``out``, appending unknown hashes as new ids. The
-    table must have room for ``len(hash_lo)`` more entries."""
+def _content_id(ct: ContentArrays, hash_lo: np.uint64, hash_hi: np.uint64, room: int) -> int:
+    """The id of a hash, assigning the next id to a new one; -1 if it is new and there is no
+    room (the table is at its fill limit, or ``room`` ids are already assigned)."""
     keys, vals, shift, lo, hi, counts = ct
+    key = _content_key(hash_lo)
+    s = table_find(keys, key, shift[0])
+    if s >= 0:
+        return vals[s]
     n = counts[0]
-    for i in range(len(hash_lo)):
-        key = _content_key(hash_lo[i])
-        s = table_find(keys, key, shift[0])
-        if s >= 0:
-            out[i] = vals[s]
-        else:
-            s = -1 - s
-            keys[s] = key
-            vals[s] = n
-            lo[n] = hash_lo[i]
-            hi[n] = hash_hi[i]
-            out[i] = n
-            n += 1
-            counts[1] += 1
-    counts[0] = n
+    if n >= room or counts[1] >= counts[2]:
+        return -1
+    s = -1 - s
+    keys[s] = key
+    vals[s] = n
+    lo[n] = hash_lo
+    hi[n] = hash_hi
+    counts[0] = n + 1
+    counts[1] += 1
+    return n
+
+
+@hot
+def content_ids(ct: ContentArrays, hash_lo: np.ndarray, hash_hi: np.ndarray, out: np.ndarray,
+                start: int) -> int:
+    """Dense ids of the given hashes into ``out`` from index ``start`` on, appending unknown
+    hashes as new ids. Returns the index it stopped at: ``len(hash_lo)``, or earlier when a new
+    hash found no room (the caller grows the table and calls again from there)."""
+    room = len(ct[3])
+    for i in range(start, len(hash_lo)):
+        c = _content_id(ct, hash_lo[i], hash_hi[i], room)
+        if c < 0:
+            return i
+        out[i] = c
+    return len(hash_lo)
 
 
 # -- counters -----------------------------------------------------------------------------------
 # FrameState = (content, proc_count, named, ref_all, ref_mapped, ref_anon, cnt)
 # ContentLog = (mark, log_cid, log_before, nlog): mark[cid] >= 0 once cid is logged in this block;
 #              an empty mark array turns logging off
-# Tables = (vkeys, vvals, pkeys, pvals, shifts, tab_n, space_pages): the mapping and pair tables,
-#          their hash shifts, their entry counts, and present virtual pages per mmid
+# Tables = (vkeys, vvals, pkeys, pvals, shifts, tab_n, space_pages, skeys, svals): the mapping
+#          and pair tables, the hash shifts of these two and of the space table, tab_n = [entries
+#          in each, most entries each may hold before it must grow], present virtual pages per
+#          mmid, and the space table (``space_key(mm)`` -> mmid)
 FrameState = tuple
 ContentLog = tuple
 Tables = tuple
@@ -241,29 +268,61 @@ def _contribute(f: int, d: int, fs: FrameState, lg: ContentLog) -> None:
 
 
 @hot
-def apply_pages(frames: np.ndarray, ids: np.ndarray, fs: FrameState, lg: ContentLog) -> None:
-    """PAGE records: frame ``frames[i]`` now holds content ``ids[i]``."""
+def apply_pages(frames: np.ndarray, ids: np.ndarray, start: int, fs: FrameState,
+                lg: ContentLog) -> int:
+    """PAGE records from index ``start`` on: frame ``frames[i]`` now holds content ``ids[i]``.
+    Returns the index it stopped at: ``len(frames)``, or the first record whose frame is beyond
+    the frame arrays (the caller grows them and calls again from there).
+
+    The content ids come from a separate pass (``content_ids``) on purpose: the lookups of a
+    block are independent, so the processor overlaps their cache misses; fused into this loop
+    they wait on the counter updates, and the replay of a recorded trace took a third longer."""
     content = fs[0]
-    for i in range(len(frames)):
-        f = frames[i]
-        if content[f] == ids[i]:
+    nframes = len(content)
+    for i in range(start, len(frames)):
+        f = np.int64(frames[i])
+        if f >= nframes:
+            return i
+        c = ids[i]
+        if content[f] == c:
             continue
         _contribute(f, -1, fs, lg)
-        content[f] = ids[i]
+        content[f] = c
         _contribute(f, 1, fs, lg)
+    return len(frames)
 
 
 @hot
-def set_named(frames: np.ndarray, value: np.ndarray, fs: FrameState, lg: ContentLog) -> None:
-    """PAGECACHE records: frame ``frames[i]`` joins (True) or leaves the page cache."""
+def apply_pagecache(ops: np.ndarray, frames: np.ndarray, dev: np.ndarray, ino: np.ndarray,
+                    index: np.ndarray, files: tuple, start: int, fs: FrameState,
+                    lg: ContentLog) -> int:
+    """PAGECACHE records from index ``start`` on: frame ``frames[i]`` joins the page cache as
+    page ``index[i]`` of file (``dev[i]``, ``ino[i]``) (ADD) or leaves it (DEL); other ops
+    change nothing. ``files`` = (file_dev, file_ino, file_index) per frame. Returns the index it
+    stopped at: ``len(ops)``, or the first record whose frame is beyond the frame arrays."""
+    file_dev, file_ino, file_index = files
     named = fs[2]
-    for i in range(len(frames)):
-        f = frames[i]
-        if named[f] == value[i]:
+    nframes = len(named)
+    for i in range(start, len(ops)):
+        if ops[i] == _PC_ADD:
+            value = True
+        elif ops[i] == _PC_DEL:
+            value = False
+        else:
+            continue
+        f = np.int64(frames[i])
+        if f >= nframes:
+            return i
+        if value:
+            file_dev[f] = dev[i]
+            file_ino[f] = ino[i]
+            file_index[f] = index[i]
+        if named[f] == value:
             continue
         _contribute(f, -1, fs, lg)
-        named[f] = value[i]
+        named[f] = value
         _contribute(f, 1, fs, lg)
+    return len(ops)
 
 
 @hot
@@ -317,21 +376,49 @@ def _pair_change(mmid: np.uint64, f: int, d: int, tb: Tables, fs: FrameState,
 
 
 @hot
-def apply_maps(mmids: np.ndarray, vpns: np.ndarray, frames: np.ndarray, present: np.ndarray,
-               tb: Tables, fs: FrameState, lg: ContentLog) -> None:
-    """MAP records: virtual page ``vpns[i]`` of address space ``mmids[i]`` maps ``frames[i]``
-    (``present[i]``) or nothing. The tables must have room for ``len(vpns)`` more entries."""
+def space_key(mm: np.uint64) -> np.uint64:
+    """Key of an mm in the space table (an mm of 0 would be an empty slot; a real mm, a kernel
+    pointer, is never 1)."""
+    return mm if mm != 0 else np.uint64(1)
+
+
+def space_key_py(mm: int) -> int:
+    """``space_key`` for Python callers."""
+    return mm or 1
+
+
+@hot
+def apply_maps(mms: np.ndarray, vpns: np.ndarray, frames: np.ndarray, flags: np.ndarray,
+               tb: Tables, start: int, fs: FrameState, lg: ContentLog) -> int:
+    """MAP records from index ``start`` on: virtual page ``vpns[i]`` of address space ``mms[i]``
+    maps ``frames[i]`` (if ``flags[i]`` has MAP_PRESENT) or nothing. Returns the index it
+    stopped at: ``len(vpns)``, or the first record whose address space has no mmid yet, that
+    could overfill a table, or whose frame is beyond the frame arrays (the caller makes room and
+    calls again from there)."""
     vkeys, vvals, shifts, tab_n, space_pages, cnt = tb[0], tb[1], tb[4], tb[5], tb[6], fs[6]
+    skeys, svals = tb[7], tb[8]
+    nframes = len(fs[0])
     sh = np.uint64(MMID_SHIFT)
-    for i in range(len(vpns)):
-        mmid = np.uint64(mmids[i])
-        key = (mmid << sh) | vpns[i]
+    last_mm = np.uint64(0)
+    mmid = np.uint64(0)
+    for i in range(start, len(vpns)):
+        if tab_n[0] >= tab_n[2] or tab_n[1] >= tab_n[3]:
+            return i
+        if mmid == 0 or mms[i] != last_mm:
+            s = table_find(skeys, space_key(mms[i]), shifts[2])
+            if s < 0:
+                return i
+            last_mm = mms[i]
+            mmid = np.uint64(svals[s])
+        key = (mmid << sh) | np.uint64(vpns[i])
         s = table_find(vkeys, key, shifts[0])
         old = vvals[s] if s >= 0 else -1
-        if present[i]:
-            f = frames[i]
+        if flags[i] & MAP_PRESENT:
+            f = np.int64(frames[i])
             if old == f:
                 continue
+            if f >= nframes:
+                return i
             if s >= 0:
                 vvals[s] = f
             else:
@@ -351,12 +438,13 @@ def apply_maps(mmids: np.ndarray, vpns: np.ndarray, frames: np.ndarray, present:
             space_pages[mmid] -= 1
         if old >= 0:
             _pair_change(mmid, old, -1, tb, fs, lg)
+    return len(vpns)
 
 
 @njit(cache=True)
 def release_space(mmid: int, tb: Tables, fs: FrameState, lg: ContentLog) -> None:
     """Address space ``mmid`` is gone: all its mappings go (one pass over each table)."""
-    vkeys, vvals, pkeys, pvals, shifts, tab_n, space_pages = tb
+    vkeys, vvals, pkeys, pvals, shifts, tab_n, space_pages = tb[:7]
     m = np.uint64(mmid) << np.uint64(MMID_SHIFT)
     frames, _refs = table_select(pkeys, pvals, mmid)
     for f in frames:
@@ -376,6 +464,8 @@ class Table:
     kernels above: at most half full, grown by rehashing before a batch that could overfill it."""
 
     def __init__(self, bits: int = 12) -> None:
+        if bits < _RUN_BITS:
+            raise ValueError(f"a table needs at least {_RUN_BITS} bits, got {bits}")
         self._alloc(bits)
 
     def _alloc(self, bits: int) -> None:
@@ -402,6 +492,21 @@ class Table:
         table_rehash(keys, vals, self.keys, self.vals, self.shift)
         return True
 
+    def put(self, key: int, val: int) -> None:
+        """Set one entry from Python (the table must have room: ``reserve``)."""
+        k = np.uint64(key)
+        s = table_find(self.keys, k, self.shift)
+        if s < 0:
+            s = -1 - s
+            self.keys[s] = k
+        self.vals[s] = val
+
+    def remove(self, key: int) -> None:
+        """Delete one entry from Python, if it is there."""
+        s = table_find(self.keys, np.uint64(key), self.shift)
+        if s >= 0:
+            table_delete(self.keys, self.vals, s, self.shift)
+
     def lookup(self, keys: np.ndarray, missing: int = -1) -> np.ndarray:
         return table_lookup(self.keys, self.vals, np.asarray(keys, dtype=np.uint64), self.shift,
                             missing)
@@ -414,15 +519,18 @@ class Table:
 class ContentTable:
     """Maps content hashes to dense ids (0, 1, 2, ...), assigning new ids on first sight.
 
-    A hash table keyed by the hash's low 64 bits (``Table``), probed by a compiled loop;
-    ``lo``/``hi`` give the full hash of each id.
+    A hash table keyed by the hash's low 64 bits (``Table``), probed by compiled loops that stop
+    when it is half full; ``lo``/``hi`` give the full hash of each id.
     """
 
     def __init__(self, capacity_bits: int = 12) -> None:
         self.lo = np.empty(1024, dtype=np.uint64)
         self.hi = np.empty(1024, dtype=np.uint64)
-        self.counts = np.zeros(2, dtype=np.int64)  # ids assigned, entries in the table
+        # ids assigned, entries in the table, most entries before it must grow
+        self.counts = np.zeros(3, dtype=np.int64)
         self._table = Table(capacity_bits)
+        self._view: tuple[np.ndarray, ...] = ()
+        self._update_view()
 
     @property
     def n(self) -> int:
@@ -431,26 +539,35 @@ class ContentTable:
     def __len__(self) -> int:
         return int(self.counts[0])
 
+    def _update_view(self) -> None:
+        t = self._table
+        self.counts[2] = len(t.keys) // 2
+        self._view = (t.keys, t.vals, np.array([t.shift], dtype=np.uint64), self.lo, self.hi,
+                      self.counts)
+
     def kernel_view(self) -> tuple[np.ndarray, ...]:
         """The arrays the compiled loops work on (``ContentArrays``)."""
-        t = self._table
-        return (t.keys, t.vals, np.array([t.shift], dtype=np.uint64), self.lo, self.hi,
-                self.counts)
+        return self._view
+
+    def make_room(self, ids_needed: int) -> None:
+        """Called when a compiled loop stopped for want of room: grow the table if it is at
+        its fill limit, and the per-id arrays to hold at least ``ids_needed`` ids."""
+        if self.counts[1] >= self.counts[2]:
+            self._table.reserve(int(self.counts[1]), 1)
+        if ids_needed > len(self.lo):
+            size = max(ids_needed, 2 * len(self.lo))
+            self.lo = np.resize(self.lo, size)
+            self.hi = np.resize(self.hi, size)
+        self._update_view()
 
     def ids(self, hash_lo: np.ndarray, hash_hi: np.ndarray) -> np.ndarray:
         """Content ids for the given hashes (int64 array, same length)."""
         lo = np.ascontiguousarray(hash_lo, dtype=np.uint64)
-        k = len(lo)
-        if k == 0:
-            return np.empty(0, dtype=np.int64)
-        self._table.reserve(int(self.counts[1]), k)
-        n = self.n
-        if n + k > len(self.lo):
-            size = max(n + k, 2 * len(self.lo))
-            self.lo = np.resize(self.lo, size)
-            self.hi = np.resize(self.hi, size)
-        out = np.empty(k, dtype=np.int64)
-        content_ids(self.kernel_view(), lo, np.ascontiguousarray(hash_hi, dtype=np.uint64), out)
+        hi = np.ascontiguousarray(hash_hi, dtype=np.uint64)
+        out = np.empty(len(lo), dtype=np.int64)
+        i = 0
+        while (i := content_ids(self._view, lo, hi, out, i)) < len(lo):
+            self.make_room(self.n + 1)
         return out
 
     def id_of(self, hash_lo: int, hash_hi: int) -> int:

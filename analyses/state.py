@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from analyses import kernels
-from analyses.content import ZERO_HASH, one_of_each
+from analyses.content import ZERO_HASH
 from analyses.kernels import (
     C_DISTINCT_ALL,
     C_DISTINCT_ANON,
@@ -35,7 +35,7 @@ from analyses.kernels import (
     ContentTable,
     Table,
 )
-from traces.format import MAP_PRESENT, PageCacheOp, TaskOp, VmaOp
+from traces.format import TaskOp, VmaOp
 
 CLONE_VM = 0x100  # clone flag: the child shares the parent's address space (a thread)
 
@@ -148,6 +148,14 @@ class AddressSpace:
                             self.had_tasks, None, self.mapping() if mapping is None else mapping)
 
 
+class FrameBeyondRam(ValueError):
+    """A record names a frame far beyond the guest RAM the trace declares."""
+
+    def __init__(self, frame: int) -> None:
+        super().__init__(f"frame {frame:#x} is beyond guest RAM")
+        self.frame = frame
+
+
 class ContentListener(Protocol):
     def __call__(self, cids: np.ndarray, before: np.ndarray, after: np.ndarray) -> None: ...
 
@@ -163,9 +171,12 @@ class ReplayState:
     arrays they work on, grows them, and keeps the Python-side objects (tasks, VMAs, marks).
     """
 
-    def __init__(self, nframes: int = 0, page_size: int = 4096) -> None:
+    def __init__(self, nframes: int = 0, page_size: int = 4096,
+                 max_frames: int | None = None) -> None:
         self.page_size = page_size
         self.t = 0
+        #: frames beyond this are an error (FrameBeyondRam), not a reason to grow
+        self.max_frames = max_frames if max_frames is not None else max(4 * nframes, 1 << 24)
         # room for about one content per frame before the table has to grow
         self.contents = ContentTable(max(12, (2 * max(nframes, 1)).bit_length()))
         self.zero_cid = self.contents.id_of(*ZERO_HASH)
@@ -180,9 +191,10 @@ class ReplayState:
         self.file_dev = np.zeros(nframes, dtype=np.uint64)
         self.file_ino = np.zeros(nframes, dtype=np.uint64)
         self.file_index = np.zeros(nframes, dtype=np.uint64)
-        self._content_arrays(np.zeros((1024, 4), dtype=np.int64))
-        self._mark = np.full(1024, -1, dtype=np.int64)  # per content id, for the change log
-        self._frame_scratch = np.zeros(nframes, dtype=np.int64)
+        self._content_arrays(np.zeros((1024, 4), dtype=np.int32))
+        # per content id, for the change log; sized like the reference counts once there are
+        # listeners
+        self._mark = np.zeros(0, dtype=np.int64)
 
     def _init_state(self) -> None:
         self.spaces: dict[int, AddressSpace] = {}
@@ -194,13 +206,17 @@ class ReplayState:
         self.incomplete: str | None = None
         self.cnt = np.zeros(N_COUNTERS, dtype=np.int64)  # see analyses.kernels.C_*
         self.cnt[C_ZERO_CID] = self.zero_cid
-        self.vmap = Table()         # (mmid, virtual page) -> frame
-        self.frame_pairs = Table()  # (mmid, frame) -> virtual pages of mmid mapping it
-        self.tab_n = np.zeros(2, dtype=np.int64)  # entries in vmap, frame_pairs
+        bits = max(12, min(16, self.nframes.bit_length()))
+        self.vmap = Table(bits)         # (mmid, virtual page) -> frame
+        self.frame_pairs = Table(bits)  # (mmid, frame) -> virtual pages of mmid mapping it
+        # entries in vmap, frame_pairs; most entries each may hold before it must grow
+        self.tab_n = np.zeros(4, dtype=np.int64)
         self.space_pages = np.zeros(64, dtype=np.int64)  # present virtual pages per mmid
+        self.space_ids = Table(6)  # kernels.space_key(mm) -> mmid, for the spaces in ``spaces``
         self.next_mmid = 1
         self.version = 0  # bumped by every change
         self._all_mappings: tuple[int, dict[int, tuple[np.ndarray, np.ndarray]]] | None = None
+        self._views()
 
     vpages = _counter(C_VPAGES, "present virtual pages over all address spaces")
     pairs = _counter(C_PAIRS, "(address space, frame) pairs: the no-sharing figure")
@@ -281,57 +297,94 @@ class ReplayState:
     def ensure_frames(self, max_frame: int) -> None:
         if max_frame < self.nframes:
             return
+        if max_frame >= self.max_frames:
+            raise FrameBeyondRam(max_frame)
         n = max(max_frame + 1, 2 * self.nframes)
         rows = np.zeros((n, 2), dtype=np.int64)
         rows[:, 0] = -1
         rows[:self.nframes] = self._frames2
         self._frame_arrays(rows, n)
-        for name in ("named", "file_dev", "file_ino", "file_index", "_frame_scratch"):
+        for name in ("named", "file_dev", "file_ino", "file_index"):
             old = getattr(self, name)
             new = np.zeros(n, dtype=old.dtype)
             new[:len(old)] = old
             setattr(self, name, new)
+        self._views()
 
-    def _ensure_contents(self) -> None:
-        n = len(self.contents)
+    def _ensure_ids(self, n: int) -> None:
+        """Room for ``n`` content ids in the per-id arrays (and the change log's marks)."""
         if n > len(self.ref_all):
             size = max(n, 2 * len(self.ref_all))
-            rows = np.zeros((size, 4), dtype=np.int64)
+            rows = np.zeros((size, 4), dtype=self._refs.dtype)
             rows[:len(self._refs)] = self._refs
             self._content_arrays(rows)
-            mark = np.full(size, -1, dtype=np.int64)
+            self._views()
+        if self.listeners and len(self._mark) < len(self.ref_all):
+            mark = np.full(len(self.ref_all), -1, dtype=np.int64)
             mark[:len(self._mark)] = self._mark
             self._mark = mark
 
-    def _fs(self) -> tuple[np.ndarray, ...]:
-        return (self.content, self.proc_count, self.named, self.ref_all, self.ref_mapped,
-                self.ref_anon, self.cnt)
+    def _make_room(self, frame: int = -1) -> None:
+        """A compiled loop stopped short: grow whatever it ran out of (frames up to ``frame``,
+        content ids, a full hash table)."""
+        self.ensure_frames(frame)
+        n = len(self.contents) + 1
+        self.contents.make_room(n)
+        self._ensure_ids(n)
+        for i, table in enumerate((self.vmap, self.frame_pairs)):
+            if self.tab_n[i] >= self.tab_n[2 + i]:
+                table.reserve(int(self.tab_n[i]), 1)
+        self._views()
 
-    def _tables(self) -> tuple[np.ndarray, ...]:
-        shifts = np.array([self.vmap.shift, self.frame_pairs.shift], dtype=np.uint64)
-        return (self.vmap.keys, self.vmap.vals, self.frame_pairs.keys, self.frame_pairs.vals,
-                shifts, self.tab_n, self.space_pages)
+    def _views(self) -> None:
+        """The tuples of arrays the compiled loops take, rebuilt whenever an array is replaced
+        (building them for every block cost more than small blocks' work)."""
+        self.tab_n[2] = len(self.vmap.keys) // 2
+        self.tab_n[3] = len(self.frame_pairs.keys) // 2
+        self._fs = (self.content, self.proc_count, self.named, self.ref_all, self.ref_mapped,
+                    self.ref_anon, self.cnt)
+        shifts = np.array([self.vmap.shift, self.frame_pairs.shift, self.space_ids.shift],
+                          dtype=np.uint64)
+        self._tb = (self.vmap.keys, self.vmap.vals, self.frame_pairs.keys, self.frame_pairs.vals,
+                    shifts, self.tab_n, self.space_pages, self.space_ids.keys,
+                    self.space_ids.vals)
+        self._files = (self.file_dev, self.file_ino, self.file_index)
 
-    def _run(self, kernel: Callable[..., None], *args: object, changes: int) -> None:
-        """Run a kernel over the frame state; ``changes`` bounds how many content ids its
-        records can touch (the size of the change log the listeners get)."""
-        self._ensure_contents()
+    def _run(self, kernel: Callable[..., int | None], *args: object, changes: int,
+             records: int | None = None, make_room: Callable[[int], None] | None = None,
+             views: Callable[[], tuple[object, ...]] = tuple) -> None:
+        """Run a kernel over the frame state.
+
+        ``changes`` bounds how many content ids it can touch (the size of the change log the
+        listeners get, once per call). With ``records``, the kernel takes a start index and
+        returns where it stopped; ``make_room(i)`` then grows what record ``i`` lacked and the
+        kernel goes on from there, with the arrays ``views()`` gives (growing replaces them).
+        """
         self.version += 1
-        if not self.listeners:
-            kernel(*args, self._fs(), _NO_LOG)
-            return
-        n = min(changes, len(self.contents))
-        log_cid = np.empty(n, dtype=np.int64)
-        log_before = np.empty(n, dtype=np.int64)
-        nlog = np.zeros(1, dtype=np.int64)
-        kernel(*args, self._fs(), (self._mark, log_cid, log_before, nlog))
+        log = self.listeners and (np.empty(changes, dtype=np.int64),
+                                  np.empty(changes, dtype=np.int64), np.zeros(1, dtype=np.int64))
+        if log and len(self._mark) < len(self.ref_all):
+            self._ensure_ids(0)
+        if records is None:
+            kernel(*args, self._fs, (self._mark, *log) if log else _NO_LOG)
+        else:
+            i = 0
+            while (i := kernel(*args, *views(), i, self._fs,
+                               (self._mark, *log) if log else _NO_LOG)) < records:
+                assert make_room is not None
+                make_room(i)
+        if log:
+            self._report(*log)
+
+    def _report(self, log_cid: np.ndarray, log_before: np.ndarray, nlog: np.ndarray) -> None:
+        """Hand the listeners the logged contents whose mapped reference count moved."""
         k = int(nlog[0])
         if not k:
             return
         cids = log_cid[:k]
         self._mark[cids] = -1
         before = log_before[:k]
-        after = self.ref_mapped[cids]
+        after = self.ref_mapped[cids].astype(np.int64)
         moved = before != after
         if moved.any():
             for listener in self.listeners:
@@ -340,12 +393,12 @@ class ReplayState:
     # -- record application ---------------------------------------------------------------------
     def apply_pages(self, frame: np.ndarray, hash_lo: np.ndarray, hash_hi: np.ndarray) -> None:
         """PAGE records, in order."""
-        if len(frame) == 0:
+        if not len(frame):
             return
-        frame = frame.astype(np.int64)
-        self.ensure_frames(int(frame.max()))
         ids = self.contents.ids(hash_lo, hash_hi)
-        self._run(kernels.apply_pages, frame, ids, changes=2 * len(frame))
+        self._ensure_ids(len(self.contents))
+        self._run(kernels.apply_pages, frame, ids, changes=2 * len(frame), records=len(frame),
+                  make_room=lambda i: self.ensure_frames(int(frame[i])))
 
     def _space(self, mm: int) -> AddressSpace:
         sp = self.spaces.get(mm)
@@ -355,55 +408,39 @@ class ReplayState:
             if self.next_mmid >= len(self.space_pages):
                 self.space_pages = np.resize(self.space_pages, 2 * len(self.space_pages))
                 self.space_pages[self.next_mmid:] = 0
+            self.space_ids.reserve(len(self.spaces) - 1, 1)
+            self.space_ids.put(kernels.space_key_py(mm), sp.mmid)
+            self._views()
         return sp
-
-    def mmids(self, mm: np.ndarray) -> np.ndarray:
-        """The ``mmid`` of each mm in ``mm`` (address spaces are created on first sight)."""
-        first = int(mm[0])
-        if len(mm) == 1 or (mm == mm[0]).all():
-            return np.full(len(mm), self._space(first).mmid, dtype=np.int64)
-        u, inv = np.unique(mm, return_inverse=True)
-        ids = np.array([self._space(m).mmid for m in u.tolist()], dtype=np.int64)
-        return ids[inv]
 
     def apply_maps(self, rec: np.ndarray) -> None:
         """MAP records, in order."""
-        if len(rec) == 0:
-            return
-        frames = rec["frame"].astype(np.int64)
-        self.ensure_frames(int(frames.max()))
-        mmids = self.mmids(rec["mm"])
-        self.vmap.reserve(int(self.tab_n[0]), len(rec))
-        self.frame_pairs.reserve(int(self.tab_n[1]), len(rec))
-        present = (rec["flags"] & MAP_PRESENT) != 0
-        self._run(kernels.apply_maps, mmids, np.ascontiguousarray(rec["vpn"], dtype=np.uint64),
-                  frames, present, self._tables(), changes=2 * len(rec))
+        mm, frame = rec["mm"], rec["frame"]
+
+        def make_room(i: int) -> None:
+            self._space(int(mm[i]))
+            self._make_room(int(frame[i]))
+
+        self._run(kernels.apply_maps, mm, rec["vpn"], frame, rec["flags"], changes=2 * len(rec),
+                  records=len(rec), make_room=make_room, views=lambda: (self._tb,))
 
     def release_space(self, mm: int) -> None:
         """The address space is gone: drop all its mappings."""
         sp = self.spaces.pop(mm, None)
         if sp is None:
             return
+        self.space_ids.remove(kernels.space_key_py(mm))
         if sp.npages:
-            self._run(kernels.release_space, sp.mmid, self._tables(),
-                      changes=int(self.tab_n[1]))
+            self._run(kernels.release_space, sp.mmid, self._tb, changes=int(self.tab_n[1]))
         sp.state = None  # a stale reference sees an empty space, not another's mappings
 
     def apply_pagecache(self, rec: np.ndarray) -> None:
-        """PAGECACHE records, in order: a frame's last ADD or DEL in the block decides."""
-        rec = rec[(rec["op"] == PageCacheOp.ADD) | (rec["op"] == PageCacheOp.DEL)]
-        if len(rec) == 0:
-            return
-        frames = rec["frame"].astype(np.int64)
-        self.ensure_frames(int(frames.max()))
-        last = one_of_each(frames, self._frame_scratch)
-        rec, frames = rec[last], frames[last]
-        add = rec["op"] == PageCacheOp.ADD
-        fa = frames[add]
-        self.file_dev[fa] = rec["dev"][add]
-        self.file_ino[fa] = rec["ino"][add]
-        self.file_index[fa] = rec["index"][add]
-        self._run(kernels.set_named, frames, add, changes=len(frames))
+        """PAGECACHE records, in order."""
+        frame = rec["frame"]
+        self._run(kernels.apply_pagecache, rec["op"], frame, rec["dev"], rec["ino"],
+                  rec["index"], changes=len(rec), records=len(rec),
+                  make_room=lambda i: self.ensure_frames(int(frame[i])),
+                  views=lambda: (self._files,))
 
     def _attach(self, pid: int, mm: int) -> None:
         if mm:
