@@ -165,7 +165,7 @@ def table_select(keys: np.ndarray, vals: np.ndarray, mmid: int
 #   ``analyses.content``); key 0 marks empty slots, so a hash whose low half is 0 is stored under
 #   another fixed key (one more 64-bit collision chance). Every content ever seen keeps its entry
 #   and its id (analyses remember ids: a content that comes back must get the same one), so the
-#   table grows with the distinct contents of the trace, about 40 bytes each with the per-id
+#   table grows with the distinct contents of the trace, 50-70 bytes each with the per-id
 #   arrays of the state.
 ContentArrays = tuple
 

@@ -8,9 +8,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from traces.synthetic import generate
+from traces.writer import TraceWriter
 
 
 def run(*args, check_rc=None):
@@ -78,6 +80,20 @@ def test_bad_inputs_one_line(tmp_path, trace):
     junk.write_bytes(b"\0" * 100)
     p = run(junk, check_rc=1)
     assert "at byte 0" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_frame_beyond_guest_ram_one_line(tmp_path):
+    """A PAGE record naming a frame far beyond the header's RAM: one line with the chunk's
+    offset, exit 1 (the compiled loop stops there and the state refuses to grow that far)."""
+    p = tmp_path / "far.mtr"
+    with TraceWriter(str(p), {"ram_size": 64 * 4096, "source": "synthetic"}) as w:
+        w.time(0)
+        w.page(np.array([1, 1 << 30], dtype=np.uint64), np.array([5, 6], dtype=np.uint64),
+               np.array([5, 6], dtype=np.uint64))
+        w.time(10)
+    err = run(p, "--oracle", check_rc=1).stderr
+    assert "frame 0x40000000 is beyond guest RAM" in err and "at byte" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_truncated_trace_warns_and_analyzes(trace, tmp_path):
