@@ -7,6 +7,7 @@ Each sample is computed from the full state, independently of the engine's incre
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -69,23 +70,41 @@ def full_figures(st: ReplayState) -> dict[str, Any]:
     return out
 
 
-def per_space(st: ReplayState) -> list[dict[str, Any]]:
+@dataclass
+class SpacesAtPeak:
+    """What the per-address-space table needs, copied at a new peak and tabulated at the end:
+    peaks come often while a workload grows, and the table costs a sort per address space."""
+
+    names: dict[int, list[str]]
+    mappings: dict[int, tuple[np.ndarray, np.ndarray]]
+    content: np.ndarray
+    named: np.ndarray
+    proc_count: np.ndarray
+    ref_mapped: np.ndarray
+
+    @classmethod
+    def of(cls, st: ReplayState) -> SpacesAtPeak:
+        names: dict[int, list[str]] = {}
+        for t in sorted(st.tasks.values(), key=lambda t: t.pid):
+            if t.mm and t.pid == t.tgid:
+                names.setdefault(t.mm, []).append(f"{t.comm}[{t.tgid}]")
+        return cls(names, st.mappings(), st.content.copy(), st.named.copy(),
+                   st.proc_count.copy(), st.ref_mapped[:len(st.contents)].copy())
+
+
+def per_space(at: SpacesAtPeak) -> list[dict[str, Any]]:
     """One row per address space: its pages and how much of them is shared or shareable."""
     rows = []
-    names: dict[int, list[str]] = {}
-    for t in sorted(st.tasks.values(), key=lambda t: t.pid):
-        if t.mm and t.pid == t.tgid:
-            names.setdefault(t.mm, []).append(f"{t.comm}[{t.tgid}]")
-    for mm, (vpn, frame) in st.mappings().items():
+    for mm, (vpn, frame) in at.mappings.items():
         frames = np.unique(frame)
-        c = st.content[frames]
-        named = st.named[frames]
+        c = at.content[frames]
+        named = at.named[frames]
         known = c >= 0
-        pc = st.proc_count[frames]
-        shareable = known & (st.ref_mapped[np.where(known, c, 0)] >= 2)
+        pc = at.proc_count[frames]
+        shareable = known & (at.ref_mapped[np.where(known, c, 0)] >= 2)
         rows.append({
             "mm": f"{mm:#x}",
-            "tasks": " ".join(names.get(mm, [])) or "?",
+            "tasks": " ".join(at.names.get(mm, [])) or "?",
             "vpages": len(vpn),
             "frames": len(frames),
             "anon": int((~named).sum()),
@@ -126,7 +145,7 @@ class SharingAnalysis(Analysis):
         self.top_spaces = top_spaces
         self.samples: list[dict[str, Any]] = []
         self.peak: dict[str, Any] | None = None
-        self.peak_spaces: list[dict[str, Any]] = []
+        self.peak_spaces: SpacesAtPeak | None = None
 
     def begin(self, replay: Any) -> None:
         super().begin(replay)
@@ -141,7 +160,7 @@ class SharingAnalysis(Analysis):
         self.samples.append(fig)
         if self.peak is None or fig["mmap_fork"] > self.peak["mmap_fork"]:
             self.peak = fig
-            self.peak_spaces = per_space(st)
+            self.peak_spaces = SpacesAtPeak.of(st)
 
     def on_interval(self, st: ReplayState, t0: int, t1: int) -> None:
         if self.per_snapshot:
@@ -194,9 +213,10 @@ class SharingAnalysis(Analysis):
         r.units["zero_pages_at_peak"] = "frames"
         r.summary["guest_frames_at_peak"] = peak.get("guest_frames", 0)
         r.summary["guest_distinct_at_peak"] = peak.get("guest_distinct", 0)
-        if self.peak_spaces:
-            cols2 = list(self.peak_spaces[0].keys())
+        spaces = per_space(self.peak_spaces) if self.peak_spaces else []
+        if spaces:
+            cols2 = list(spaces[0].keys())
             r.tables["per_address_space"] = Table(
-                cols2, [[row[c] for c in cols2] for row in self.peak_spaces[:self.top_spaces]],
+                cols2, [[row[c] for c in cols2] for row in spaces[:self.top_spaces]],
                 "per address space at peak (largest first)")
         return r

@@ -188,3 +188,25 @@ def test_oracle_weighs_by_guest_seconds_when_the_trace_has_the_guest_clock(tmp_p
     assert o.summary["savings_vs_mmap_fork"] == 20  # still in page*instructions
     assert o.summary["savings_vs_mmap_fork_mean"] == 0.2  # saved 1 page for 0.2 of 1 s
     assert o.summary["savings_vs_mmap_fork_mib_s"] == round(1 * 0.2 / 256, 3)
+
+
+def test_per_address_space_table_is_taken_at_the_peak(tmp_path):
+    """The per-address-space table describes the sample with the most frames mapped, not the
+    state at the end: after the peak, mm 2 unmaps everything and mm 1 writes over a page."""
+    b = Builder(tmp_path / "t.mtr").at(10)
+    for f, tok in ((10, 1), (11, 1), (12, 2), (13, 3)):
+        b.page(f, tok)
+    b.map(1, 100, 10).map(1, 101, 11).map(1, 102, 12)  # mm 1: contents 1, 1, 2
+    b.map(2, 200, 12).map(2, 201, 13)                   # mm 2: frame 12 shared with mm 1
+    b.at(20)
+    b.map(2, 200, None).map(2, 201, None).page(11, 9)
+    b.at(30).close()
+    res = replay(tmp_path / "t.mtr", interval=5)["results"]["sharing"]
+    assert res.summary["peak_mmap_fork"] == 4
+    t = res.tables["per_address_space"]
+    rows = {r[t.columns.index("mm")]: dict(zip(t.columns, r, strict=True)) for r in t.rows}
+    assert set(rows) == {"0x1", "0x2"}
+    one, two = rows["0x1"], rows["0x2"]
+    assert (one["vpages"], one["frames"], one["exclusive"], one["self_sharings"]) == (3, 3, 2, 1)
+    assert one["shareable"] == 2 and one["pss_pages"] == 2.5  # frames 10, 11 hold content 1
+    assert (two["vpages"], two["frames"], two["exclusive"], two["shareable"]) == (2, 2, 1, 0)
