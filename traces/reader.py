@@ -253,8 +253,7 @@ class Trace:
             if kind == Kind.STRINGS:
                 table = raw[pos:pos + nbytes]
                 chunk.strings = [s.decode("utf-8", "replace") for s in table.split(b"\0")[:-1]]
-            elif kind in DTYPES:
-                dt = DTYPES[Kind(kind)]
+            elif (dt := DTYPES.get(kind)) is not None:
                 if size != dt.itemsize:
                     raise TraceError(self.path, info.offset,
                                      f"corrupt chunk: kind {kind} record size {size}, "
