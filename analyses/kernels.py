@@ -16,11 +16,17 @@ State layout (all numpy arrays owned by ``analyses.state.ReplayState``):
 - per content id: ``ref_all``, ``ref_mapped``, ``ref_anon`` (frames holding it: all, mapped,
   mapped and anonymous), columns of one array for the same reason;
 - ``cnt``: the incremental counters behind the thesis's figures, indexed by the ``C_*`` constants;
-- two open-addressing hash tables (linear probing, key 0 = empty slot, deletion by backward
-  shift): the mapping table, key (mmid << 40 | virtual page) -> frame, and the pair table, key
-  (mmid << 40 | frame) -> how many virtual pages of that address space map the frame. ``mmid`` is
+- three open-addressing hash tables (linear probing, key 0 = empty slot, deletion by backward
+  shift): the space table, mm -> mmid; the mapping table, key (mmid << 40 | virtual page) ->
+  frame; and the pair table, key (mmid << 40 | frame) -> how many virtual pages of that address
+  space map the frame. ``mmid`` is
   a small id the state gives each address space (never 0); virtual pages (48-bit addresses) and
   frames fit in 40 bits.
+
+The hash tables are at most half full. A loop never grows anything itself: it returns the index
+of the first record that lacks room (a full table, an address space with no mmid yet, a frame
+beyond the arrays), the state grows just that and calls it again from there. So tables grow only
+when they really fill, and a block of records that are all known costs no reservation.
 
 Every frame change takes the frame's contribution to the counters out, changes the frame, and
 puts the new contribution in (``_contribute`` with -1, then +1), so the counters stay exact after
@@ -461,7 +467,8 @@ def release_space(mmid: int, tb: Tables, fs: FrameState, lg: ContentLog) -> None
 
 class Table:
     """An open-addressing hash table (uint64 key -> int64 value) in two numpy arrays, for the
-    kernels above: at most half full, grown by rehashing before a batch that could overfill it."""
+    kernels above: at most half full, grown by rehashing (``reserve``) when a loop stops because
+    it is full."""
 
     def __init__(self, bits: int = 12) -> None:
         if bits < _RUN_BITS:
