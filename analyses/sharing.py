@@ -40,11 +40,15 @@ def full_figures(st: ReplayState) -> dict[str, Any]:
     anon = ~named
     known = c >= 0
     kc = c[known]
-    # per content id: how many mapped anonymous and named frames hold it (dense ids: bincount)
+    # per content held by a mapped frame: how many mapped frames, and named frames, hold it
+    # (dense ids: bincount, then only the contents present, since a trace's contents can
+    # outnumber its mapped frames twenty to one)
     ncontents = len(st.contents)
-    n_anon = np.bincount(kc, weights=anon[known], minlength=ncontents)
-    n_named = np.bincount(kc, weights=named[known], minlength=ncontents)
-    total = n_anon + n_named
+    counts = np.bincount(kc, minlength=ncontents)
+    held = np.flatnonzero(counts)
+    total = counts[held]
+    n_named = np.bincount(kc[named[known]], minlength=ncontents)[held]
+    n_anon = total - n_named
     guest = st.content[st.content >= 0]
     dup = total >= 2
     kinds = {
