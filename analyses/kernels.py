@@ -273,6 +273,21 @@ def _contribute(f: int, d: int, fs: FrameState, lg: ContentLog) -> None:
             cnt[C_DISTINCT_ANON] += d
 
 
+# inlined into each loop: as a call it made the page loop three times slower (4.5 -> 12.7 ms on
+# the sample)
+@njit(cache=True, _nrt=False, inline="always")
+def _set_frame(f: int, c: int, n: bool, fs: FrameState, lg: ContentLog) -> None:
+    """Frame ``f`` now holds content ``c`` (-1: unknown) and is named or not (``n``): its
+    contribution to the counters goes out with the old values and comes back with the new."""
+    content, named = fs[0], fs[2]
+    if content[f] == c and named[f] == n:
+        return
+    _contribute(f, -1, fs, lg)
+    content[f] = c
+    named[f] = n
+    _contribute(f, 1, fs, lg)
+
+
 @hot
 def apply_pages(frames: np.ndarray, ids: np.ndarray, start: int, fs: FrameState,
                 lg: ContentLog) -> int:
@@ -283,18 +298,12 @@ def apply_pages(frames: np.ndarray, ids: np.ndarray, start: int, fs: FrameState,
     The content ids come from a separate pass (``content_ids``) on purpose: the lookups of a
     block are independent, so the processor overlaps their cache misses; fused into this loop
     they wait on the counter updates, and the replay of a recorded trace took a third longer."""
-    content = fs[0]
-    nframes = len(content)
+    nframes = len(fs[0])
     for i in range(start, len(frames)):
         f = np.int64(frames[i])
         if f >= nframes:
             return i
-        c = ids[i]
-        if content[f] == c:
-            continue
-        _contribute(f, -1, fs, lg)
-        content[f] = c
-        _contribute(f, 1, fs, lg)
+        _set_frame(f, ids[i], fs[2][f], fs, lg)
     return len(frames)
 
 
@@ -307,8 +316,7 @@ def apply_pagecache(ops: np.ndarray, frames: np.ndarray, dev: np.ndarray, ino: n
     change nothing. ``files`` = (file_dev, file_ino, file_index) per frame. Returns the index it
     stopped at: ``len(ops)``, or the first record whose frame is beyond the frame arrays."""
     file_dev, file_ino, file_index = files
-    named = fs[2]
-    nframes = len(named)
+    nframes = len(fs[0])
     for i in range(start, len(ops)):
         if ops[i] == _PC_ADD:
             value = True
@@ -323,23 +331,15 @@ def apply_pagecache(ops: np.ndarray, frames: np.ndarray, dev: np.ndarray, ino: n
             file_dev[f] = dev[i]
             file_ino[f] = ino[i]
             file_index[f] = index[i]
-        if named[f] == value:
-            continue
-        _contribute(f, -1, fs, lg)
-        named[f] = value
-        _contribute(f, 1, fs, lg)
+        _set_frame(f, fs[0][f], value, fs, lg)
     return len(ops)
 
 
 @hot
 def forget_frames(frames: np.ndarray, fs: FrameState, lg: ContentLog) -> None:
     """The frames' contents become unknown and they leave the page cache (a state reset)."""
-    content, named = fs[0], fs[2]
     for f in frames:
-        _contribute(f, -1, fs, lg)
-        content[f] = -1
-        named[f] = False
-        _contribute(f, 1, fs, lg)
+        _set_frame(f, -1, False, fs, lg)
 
 
 @hot
@@ -386,11 +386,6 @@ def space_key(mm: np.uint64) -> np.uint64:
     """Key of an mm in the space table (an mm of 0 would be an empty slot; a real mm, a kernel
     pointer, is never 1)."""
     return mm if mm != 0 else np.uint64(1)
-
-
-def space_key_py(mm: int) -> int:
-    """``space_key`` for Python callers."""
-    return mm or 1
 
 
 @hot

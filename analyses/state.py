@@ -324,13 +324,11 @@ class ReplayState:
             mark[:len(self._mark)] = self._mark
             self._mark = mark
 
-    def _make_room(self, frame: int = -1) -> None:
-        """A compiled loop stopped short: grow whatever it ran out of (frames up to ``frame``,
-        content ids, a full hash table)."""
+    def _room_for_maps(self, mm: int, frame: int) -> None:
+        """The mapping loop stopped short: make the address space ``mm``, grow the frame arrays
+        to ``frame``, grow a mapping table that is full."""
+        self._space(mm)
         self.ensure_frames(frame)
-        n = len(self.contents) + 1
-        self.contents.make_room(n)
-        self._ensure_ids(n)
         for i, table in enumerate((self.vmap, self.frame_pairs)):
             if self.tab_n[i] >= self.tab_n[2 + i]:
                 table.reserve(int(self.tab_n[i]), 1)
@@ -409,27 +407,23 @@ class ReplayState:
                 self.space_pages = np.resize(self.space_pages, 2 * len(self.space_pages))
                 self.space_pages[self.next_mmid:] = 0
             self.space_ids.reserve(len(self.spaces) - 1, 1)
-            self.space_ids.put(kernels.space_key_py(mm), sp.mmid)
+            self.space_ids.put(kernels.space_key(np.uint64(mm)), sp.mmid)
             self._views()
         return sp
 
     def apply_maps(self, rec: np.ndarray) -> None:
         """MAP records, in order."""
         mm, frame = rec["mm"], rec["frame"]
-
-        def make_room(i: int) -> None:
-            self._space(int(mm[i]))
-            self._make_room(int(frame[i]))
-
         self._run(kernels.apply_maps, mm, rec["vpn"], frame, rec["flags"], changes=2 * len(rec),
-                  records=len(rec), make_room=make_room, views=lambda: (self._tb,))
+                  records=len(rec), views=lambda: (self._tb,),
+                  make_room=lambda i: self._room_for_maps(int(mm[i]), int(frame[i])))
 
     def release_space(self, mm: int) -> None:
         """The address space is gone: drop all its mappings."""
         sp = self.spaces.pop(mm, None)
         if sp is None:
             return
-        self.space_ids.remove(kernels.space_key_py(mm))
+        self.space_ids.remove(kernels.space_key(np.uint64(mm)))
         if sp.npages:
             self._run(kernels.release_space, sp.mmid, self._tb, changes=int(self.tab_n[1]))
         sp.state = None  # a stale reference sees an empty space, not another's mappings

@@ -15,14 +15,6 @@ from analyses.state import ReplayState
 from traces.format import DTYPES, MAP_PRESENT, Kind
 
 
-def _put(t: Table, key: int, val: int) -> None:
-    s = table_find(t.keys, np.uint64(key), t.shift)
-    if s < 0:
-        s = -1 - s
-        t.keys[s] = key
-    t.vals[s] = val
-
-
 def _delete(t: Table, key: int) -> None:
     s = table_find(t.keys, np.uint64(key), t.shift)
     assert s >= 0
@@ -43,7 +35,7 @@ def test_table_matches_dict(bits: int, nkeys: int, seed: int) -> None:
             del ref[key]
         elif key in ref or len(ref) < nkeys:
             ref[key] = step
-            _put(t, key, step)
+            t.put(key, step)
         got = t.lookup(np.array(universe, dtype=np.uint64), missing=-1).tolist()
         assert got == [ref.get(k, -1) for k in universe]
     assert int(np.count_nonzero(t.keys)) == len(ref)
@@ -55,7 +47,7 @@ def test_table_grows_and_keeps_entries() -> None:
     used = 0
     for k in keys.tolist():
         t.reserve(used, 1)
-        _put(t, k, k >> 40)
+        t.put(k, k >> 40)
         used += 1
     assert len(t.keys) >= 2 * len(keys)
     assert t.lookup(keys).tolist() == (keys >> np.uint64(40)).astype(np.int64).tolist()
