@@ -36,8 +36,12 @@ for the analyses that follow contents (``Analysis.wants_content_deltas``).
 
 from __future__ import annotations
 
+import llvmlite.binding
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from traces.format import MAP_PRESENT, PageCacheOp
 
@@ -69,6 +73,41 @@ _RUN_MASK = np.uint64(15)
 # helper cost 30 ns per record, four times the work itself. Functions that return new arrays
 # keep it (``njit(cache=True)``); they run once per block or per query, not per record.
 hot = njit(cache=True, _nrt=False)
+
+# LLVM 15 made pointers opaque and renamed the intrinsic's overload accordingly
+_PREFETCH = ("llvm.prefetch.p0" if llvmlite.binding.llvm_version_info[0] >= 15
+             else "llvm.prefetch.p0i8")
+PREFETCH_AHEAD = 16  # records: far enough for a miss to arrive, near enough to stay cached
+
+
+@intrinsic
+def prefetch(typingctx, arr, index):  # noqa: ANN001, ANN201 - numba intrinsic signature
+    """Ask the processor to bring ``arr[index]`` into the cache, without waiting for it.
+
+    Why: the loops below spend most of their time on cache misses into tables of several MB
+    to tens of MB (a dependent miss costs 100-180 ns on the machines this was measured on,
+    independent ones about 10 ns). A loop's branches depend on the values it loads, so the
+    processor cannot run far enough ahead to overlap the misses itself; asking for the entries
+    of the record ``PREFETCH_AHEAD`` places later lets the misses overlap. On the recorded
+    sample this halved the content-id pass (13 to 7 ms).
+    """
+    if not isinstance(arr, types.Array) or arr.ndim != 1 or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        aryty = sig.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]],
+                                       wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, _PREFETCH)
+        # read, high temporal locality, data cache
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, index), codegen
 
 
 # -- hash tables --------------------------------------------------------------------------------
@@ -123,7 +162,10 @@ def table_delete(keys: np.ndarray, vals: np.ndarray, i: int, shift: np.uint64) -
 @hot
 def table_rehash(keys: np.ndarray, vals: np.ndarray, new_keys: np.ndarray,
                  new_vals: np.ndarray, new_shift: np.uint64) -> None:
-    for i in range(len(keys)):
+    n = len(keys)
+    for i in range(n):
+        if i + PREFETCH_AHEAD < n and keys[i + PREFETCH_AHEAD] != 0:
+            prefetch(new_keys, _home(keys[i + PREFETCH_AHEAD], new_shift))
         k = keys[i]
         if k != 0:
             s = table_find(new_keys, k, new_shift)
@@ -210,7 +252,13 @@ def content_ids(ct: ContentArrays, hash_lo: np.ndarray, hash_hi: np.ndarray, out
     hashes as new ids. Returns the index it stopped at: ``len(hash_lo)``, or earlier when a new
     hash found no room (the caller grows the table and calls again from there)."""
     room = len(ct[3])
-    for i in range(start, len(hash_lo)):
+    keys, shift = ct[0], ct[2][0]
+    n = len(hash_lo)
+    for i in range(start, min(start + PREFETCH_AHEAD, n)):
+        prefetch(keys, _home(_content_key(hash_lo[i]), shift))
+    for i in range(start, n):
+        if i + PREFETCH_AHEAD < n:
+            prefetch(keys, _home(_content_key(hash_lo[i + PREFETCH_AHEAD]), shift))
         c = _content_id(ct, hash_lo[i], hash_hi[i], room)
         if c < 0:
             return i
@@ -298,13 +346,28 @@ def apply_pages(frames: np.ndarray, ids: np.ndarray, start: int, fs: FrameState,
     The content ids come from a separate pass (``content_ids``) on purpose: the lookups of a
     block are independent, so the processor overlaps their cache misses; fused into this loop
     they wait on the counter updates, and the replay of a recorded trace took a third longer."""
-    nframes = len(fs[0])
-    for i in range(start, len(frames)):
+    content, ref_all = fs[0], fs[3]
+    nframes, nids = len(content), len(ref_all)
+    n = len(frames)
+    ahead, half = PREFETCH_AHEAD, PREFETCH_AHEAD // 2
+    for i in range(start, n):
+        # the frame's row and the new content's counts, then (once that frame row has
+        # arrived) the counts of the content the frame holds now
+        if i + ahead < n:
+            g = np.int64(frames[i + ahead])
+            if g < nframes:
+                prefetch(content, g)
+            if 0 <= ids[i + ahead] < nids:
+                prefetch(ref_all, ids[i + ahead])
+        if i + half < n:
+            g = np.int64(frames[i + half])
+            if g < nframes and 0 <= content[g] < nids:
+                prefetch(ref_all, content[g])
         f = np.int64(frames[i])
         if f >= nframes:
             return i
         _set_frame(f, ids[i], fs[2][f], fs, lg)
-    return len(frames)
+    return n
 
 
 @hot
@@ -402,7 +465,8 @@ def apply_maps(mms: np.ndarray, vpns: np.ndarray, frames: np.ndarray, flags: np.
     sh = np.uint64(MMID_SHIFT)
     last_mm = np.uint64(0)
     mmid = np.uint64(0)
-    for i in range(start, len(vpns)):
+    n = len(vpns)
+    for i in range(start, n):
         if tab_n[0] >= tab_n[2] or tab_n[1] >= tab_n[3]:
             return i
         if mmid == 0 or mms[i] != last_mm:
@@ -439,7 +503,7 @@ def apply_maps(mms: np.ndarray, vpns: np.ndarray, frames: np.ndarray, flags: np.
             space_pages[mmid] -= 1
         if old >= 0:
             _pair_change(mmid, old, -1, tb, fs, lg)
-    return len(vpns)
+    return n
 
 
 @njit(cache=True)
