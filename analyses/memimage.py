@@ -1,7 +1,7 @@
 """A guest memory image rebuilt from raw WRITE records (writes-mode traces).
 
 Used to derive page contents from stores alone and to check a writes-mode trace's PAGE records
-against its WRITE records. Writes are applied in trace order with whole-array numpy operations.
+against its WRITE records. Writes are applied in trace order by one compiled loop.
 """
 
 from __future__ import annotations
@@ -9,9 +9,53 @@ from __future__ import annotations
 import numpy as np
 
 from analyses.content import hash_pages
+from analyses.kernels import PREFETCH_AHEAD, hot, prefetch
 from traces.format import ADDR_MASK
 
-_LANES = np.arange(8, dtype=np.uint64)
+_ADDR_MASK = np.uint64(ADDR_MASK)
+
+
+@hot
+def apply_writes(addr: np.ndarray, value: np.ndarray, mem: np.ndarray, m16: np.ndarray,
+                 m32: np.ndarray, m64: np.ndarray, touched: np.ndarray, page_shift: int) -> int:
+    """Stores in order (``addr`` as in the WRITE record: size in bits 56-63). A naturally
+    aligned store is one typed write; others go byte by byte. Marks the frames of each store's
+    first and last byte. Returns the index of the first store beyond the image, or len(addr).
+
+    Stores scattered over a large image miss the cache nearly every time; they do not stall
+    the loop, but the line must still be fetched, so the store ``PREFETCH_AHEAD`` places on
+    is prefetched (about 5 -> 20 M scattered stores per second on the machine measured)."""
+    n = len(addr)
+    size_mem = np.uint64(len(mem))
+    last_word = len(m64) - 1
+    shift = np.uint64(page_shift)
+    for i in range(n):
+        if i + PREFETCH_AHEAD < n:
+            w = np.int64((addr[i + PREFETCH_AHEAD] & _ADDR_MASK) >> np.uint64(3))
+            prefetch(m64, min(w, last_word))
+        a = addr[i] & _ADDR_MASK
+        size = addr[i] >> np.uint64(56)
+        if size == 0 or size > 8 or a + size > size_mem:
+            return i
+        v = value[i]
+        if size == 8 and a & np.uint64(7) == 0:
+            m64[a >> np.uint64(3)] = v
+        elif size == 4 and a & np.uint64(3) == 0:
+            m32[a >> np.uint64(2)] = np.uint32(v & np.uint64(0xFFFFFFFF))
+        elif size == 2 and a & np.uint64(1) == 0:
+            m16[a >> np.uint64(1)] = np.uint16(v & np.uint64(0xFFFF))
+        else:
+            for k in range(size):
+                mem[a + np.uint64(k)] = np.uint8((v >> np.uint64(8 * k)) & np.uint64(0xFF))
+        touched[a >> shift] = True
+        touched[(a + size - np.uint64(1)) >> shift] = True
+    return n
+
+
+def page_size_shift(page_size: int) -> int:
+    if page_size < 8 or page_size & (page_size - 1):
+        raise ValueError(f"page size {page_size} is not a power of two")
+    return page_size.bit_length() - 1
 
 
 class MemoryImage:
@@ -23,58 +67,18 @@ class MemoryImage:
         self._m16 = self.mem.view(np.uint16)
         self._m32 = self.mem.view(np.uint32)
         self._m64 = self.mem.view(np.uint64)
-        # per 8-byte word: the size class that last wrote it in the current batch
-        self._stamp = np.zeros(len(self.mem) // 8 + 1, dtype=np.uint8)
 
     def apply_writes(self, rec: np.ndarray) -> None:
         """Apply WRITE records (FORMAT.md kind 4) in order; remember the frames they touched."""
         if len(rec) == 0:
             return
-        raw = rec["addr"]
-        addr = raw & np.uint64(ADDR_MASK)
-        size = raw >> np.uint64(56)
-        if int(addr.max()) + 8 > len(self.mem):
-            raise ValueError(f"write at {int(addr.max()):#x} is beyond the memory image")
-        self._apply(addr, size, rec["value"])
-        self._touched[addr >> np.uint64(12)] = True
-        self._touched[(addr + size - np.uint64(1)) >> np.uint64(12)] = True
-
-    def _apply(self, addr: np.ndarray, size: np.ndarray, value: np.ndarray) -> None:
-        """Naturally aligned 1/2/4/8-byte stores go straight into typed views of the image, one
-        fancy assignment per size (numpy assigns in index order, so a later store to the same
-        place wins). That is only correct if no 8-byte word is written by two size classes in
-        this batch; otherwise the batch is halved until it is, and the rest of the stores
-        (unaligned ones) are spread into bytes."""
-        cls = np.where((addr & (size - np.uint64(1))) == 0, size, np.uint64(0))
-        cls = cls.astype(np.uint8)
-        word = (addr >> np.uint64(3)).astype(np.int64)
-        stamp = self._stamp
-        stamp[word] = cls
-        unaligned = cls == 0
-        if unaligned.any():
-            stamp[(addr[unaligned] + size[unaligned] - np.uint64(1)) >> np.uint64(3)] = 0
-        if np.any(stamp[word] != cls) or (unaligned.any() and np.any(
-                stamp[(addr[unaligned] + size[unaligned] - np.uint64(1)) >> np.uint64(3)] != 0)):
-            if len(addr) <= 64:
-                self._spread(addr, size, value)
-                return
-            half = len(addr) // 2
-            self._apply(addr[:half], size[:half], value[:half])
-            self._apply(addr[half:], size[half:], value[half:])
-            return
-        for width, view in ((1, self.mem), (2, self._m16), (4, self._m32), (8, self._m64)):
-            sel = cls == width
-            if sel.any():
-                view[addr[sel] >> np.uint64(width.bit_length() - 1)] = value[sel].astype(
-                    view.dtype)
-        if unaligned.any():
-            self._spread(addr[unaligned], size[unaligned], value[unaligned])
-
-    def _spread(self, addr: np.ndarray, size: np.ndarray, value: np.ndarray) -> None:
-        """Any stores, in order: each store's bytes laid out in an (n, 8) matrix, masked."""
-        vbytes = np.ascontiguousarray(value, dtype=np.uint64).view(np.uint8).reshape(-1, 8)
-        mask = _LANES < size[:, None]
-        self.mem[(addr[:, None] + _LANES)[mask]] = vbytes[mask]
+        addr = np.ascontiguousarray(rec["addr"])
+        i = apply_writes(addr, np.ascontiguousarray(rec["value"]), self.mem, self._m16,
+                         self._m32, self._m64, self._touched, page_size_shift(self.page_size))
+        if i < len(addr):
+            a, size = int(addr[i]) & ADDR_MASK, int(addr[i]) >> 56
+            raise ValueError(f"write of {size} bytes at {a:#x} is beyond the memory image"
+                             if 1 <= size <= 8 else f"write at {a:#x} has size {size}")
 
     def take_touched(self) -> np.ndarray:
         """Frames written since the last call (sorted), and forget them."""
