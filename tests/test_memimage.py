@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,3 +48,28 @@ def test_mixed_aligned_and_conflicting_writes(ws):
         ref[a:a + s] = v.to_bytes(8, "little")[:s]
     img.apply_writes(rec)
     assert img.mem.tobytes() == bytes(ref)
+
+
+def test_write_beyond_image_is_refused_after_the_stores_before_it():
+    img = MemoryImage(1)
+    rec = np.zeros(3, dtype=DTYPES[Kind.WRITE])
+    rec[0] = (8 | (8 << 56), 0x1122334455667788)
+    rec[1] = ((4096 - 4) | (8 << 56), 1)  # its last bytes fall past the image
+    rec[2] = (16 | (8 << 56), 2)
+    with pytest.raises(ValueError, match="8 bytes at 0xffc is beyond the memory image"):
+        img.apply_writes(rec)
+    assert img.mem[8:16].tobytes() == (0x1122334455667788).to_bytes(8, "little")
+    assert not img.mem[16:24].any()
+    rec = np.zeros(1, dtype=DTYPES[Kind.WRITE])
+    rec[0] = (0 | (9 << 56), 0)
+    with pytest.raises(ValueError, match="has size 9"):
+        img.apply_writes(rec)
+
+
+def test_touched_frames_follow_the_page_size():
+    img = MemoryImage(4, page_size=1024)
+    rec = np.zeros(2, dtype=DTYPES[Kind.WRITE])
+    rec[0] = (1020 | (8 << 56), -1 & (2**64 - 1))  # straddles frames 0 and 1
+    rec[1] = (3 * 1024 | (1 << 56), 7)
+    img.apply_writes(rec)
+    assert img.take_touched().tolist() == [0, 1, 3]
