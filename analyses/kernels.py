@@ -465,10 +465,26 @@ def apply_maps(mms: np.ndarray, vpns: np.ndarray, frames: np.ndarray, flags: np.
     sh = np.uint64(MMID_SHIFT)
     last_mm = np.uint64(0)
     mmid = np.uint64(0)
-    n = len(vpns)
+    pkeys, content, ref_all = tb[2], fs[0], fs[3]
+    n, nids = len(vpns), len(ref_all)
     for i in range(start, n):
         if tab_n[0] >= tab_n[2] or tab_n[1] >= tab_n[3]:
             return i
+        # prefetch the mapping and pair slots and the frame row of a record ahead (if it is
+        # in the same address space), then the counts of that frame's content
+        j = i + PREFETCH_AHEAD
+        if j < n and mmid != 0 and mms[j] == last_mm:
+            m = mmid << sh
+            prefetch(vkeys, _home(m | np.uint64(vpns[j]), shifts[0]))
+            g = np.int64(frames[j])
+            if flags[j] & MAP_PRESENT and g < nframes:
+                prefetch(pkeys, _home(m | np.uint64(g), shifts[1]))
+                prefetch(content, g)
+        j = i + PREFETCH_AHEAD // 2
+        if j < n:
+            g = np.int64(frames[j])
+            if flags[j] & MAP_PRESENT and g < nframes and 0 <= content[g] < nids:
+                prefetch(ref_all, content[g])
         if mmid == 0 or mms[i] != last_mm:
             s = table_find(skeys, space_key(mms[i]), shifts[2])
             if s < 0:
