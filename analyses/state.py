@@ -8,8 +8,9 @@ can be read at every content change without recomputation.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -52,8 +53,10 @@ class Task:
     died: int | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Vma:
+    """One VMA. Never changed once in a space (a change replaces it), so spaces share them."""
+
     start: int
     end: int
     vm_flags: int
@@ -72,7 +75,10 @@ class Vma:
 @dataclass(eq=False)
 class AddressSpace:
     """One mm: its VMAs and tasks. Its mappings (virtual page -> frame) live in the state's
-    tables under ``mmid``; ``frozen`` holds a copy instead for a space kept for later."""
+    tables under ``mmid``; ``frozen`` holds a copy instead for a space kept for later.
+
+    ``vmas`` (start -> Vma) is read by analyses; the state changes it only through
+    ``put_vma``/``drop_vma``, which keep the sorted list of starts that finds overlaps."""
 
     mm: int
     mmid: int = 0
@@ -81,10 +87,40 @@ class AddressSpace:
     had_tasks: bool = False
     state: ReplayState | None = field(default=None, repr=False)
     frozen: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _starts: list[int] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self._starts) != len(self.vmas):
+            self._starts = sorted(self.vmas)
+
+    def put_vma(self, v: Vma) -> None:
+        if v.start not in self.vmas:
+            insort(self._starts, v.start)
+        self.vmas[v.start] = v
+
+    def drop_vma(self, start: int) -> None:
+        del self.vmas[start]
+        del self._starts[bisect_left(self._starts, start)]
+
+    def copy_vmas(self, other: AddressSpace) -> None:
+        """Start with ``other``'s VMAs (a fork)."""
+        self.vmas = dict(other.vmas)
+        self._starts = list(other._starts)
+
+    def overlapping(self, start: int, end: int) -> list[Vma]:
+        """The VMAs that overlap [start, end), in address order."""
+        starts = self._starts
+        i = bisect_right(starts, start) - 1
+        if i < 0 or self.vmas[starts[i]].end <= start:
+            i += 1
+        j = bisect_left(starts, end, i)
+        return [self.vmas[a] for a in starts[i:j]]
 
     def vma_at(self, addr: int) -> Vma | None:
-        for v in self.vmas.values():
-            if v.start <= addr < v.end:
+        i = bisect_right(self._starts, addr) - 1
+        if i >= 0:
+            v = self.vmas[self._starts[i]]
+            if addr < v.end:
                 return v
         return None
 
@@ -465,7 +501,7 @@ class ReplayState:
                 src = self.spaces.get(parent.mm)
                 dst = self.spaces.get(mm)
                 if src is not None and dst is not None and dst is not src and not dst.vmas:
-                    dst.vmas = {s: replace(v) for s, v in src.vmas.items()}
+                    dst.copy_vmas(src)
         elif task is None:
             if op == TaskOp.EXEC:
                 self.tasks[pid] = Task(pid, tgid, ppid, "?", mm, name, self.t)
@@ -491,20 +527,19 @@ class ReplayState:
         sp = self._space(mm)
         if op in (VmaOp.MAP, VmaOp.EXISTING):
             _cut(sp, start, end)
-            sp.vmas[start] = Vma(start, end, vm_flags, pgoff, ino, dev, path)
+            sp.put_vma(Vma(start, end, vm_flags, pgoff, ino, dev, path))
         elif op == VmaOp.UNMAP:
             _cut(sp, start, end)
         elif op == VmaOp.PROTECT:
             for v in _cut(sp, start, end):
-                v.vm_flags = vm_flags
-                sp.vmas[v.start] = v
+                sp.put_vma(Vma(v.start, v.end, vm_flags, v.pgoff, v.ino, v.dev, v.path, v.heap))
         elif op == VmaOp.BRK:
             heap = next((v for v in sp.vmas.values() if v.heap), None)
             if heap is not None:
-                del sp.vmas[heap.start]
+                sp.drop_vma(heap.start)
             if end > start:
                 _cut(sp, start, end)
-                sp.vmas[start] = Vma(start, end, vm_flags or 0x3, 0, 0, 0, "[heap]", heap=True)
+                sp.put_vma(Vma(start, end, vm_flags or 0x3, 0, 0, 0, "[heap]", heap=True))
 
     def reset(self) -> None:
         """Forget everything (MARK STATE_BEGIN with reset): all frames leave, all spaces go."""
@@ -527,14 +562,13 @@ def _cut(sp: AddressSpace, start: int, end: int) -> list[Vma]:
     Returns the removed pieces (clipped to the range).
     """
     removed = []
-    for v in [v for v in sp.vmas.values() if v.start < end and v.end > start]:
-        del sp.vmas[v.start]
+    for v in sp.overlapping(start, end):
+        sp.drop_vma(v.start)
         if v.start < start:
-            sp.vmas[v.start] = Vma(v.start, start, v.vm_flags, v.pgoff, v.ino, v.dev, v.path,
-                                   v.heap)
+            sp.put_vma(Vma(v.start, start, v.vm_flags, v.pgoff, v.ino, v.dev, v.path, v.heap))
         if v.end > end:
             off = v.pgoff + ((end - v.start) >> 12 if v.ino else 0)
-            sp.vmas[end] = Vma(end, v.end, v.vm_flags, off, v.ino, v.dev, v.path, v.heap)
+            sp.put_vma(Vma(end, v.end, v.vm_flags, off, v.ino, v.dev, v.path, v.heap))
         lo, hi = max(v.start, start), min(v.end, end)
         off = v.pgoff + ((lo - v.start) >> 12 if v.ino else 0)
         removed.append(Vma(lo, hi, v.vm_flags, off, v.ino, v.dev, v.path, v.heap))

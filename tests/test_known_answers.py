@@ -161,11 +161,14 @@ def test_fork_copies_the_parents_vmas(tmp_path):
     b.w.vma(VmaOp.MAP, 10, 7, 0x1000, 0x3000, 0x3, 0, 5, 8, "/lib/x.so")
     b.w.task(TaskOp.NEW, 11, 11, 10, mm=8, name="child")  # fork: no CLONE_VM
     b.w.task(TaskOp.NEW, 12, 10, 10, mm=7, name="thread", flags=0x100)
+    b.w.vma(VmaOp.PROTECT, 11, 8, 0x2000, 0x3000, 0x1)  # the child's change is its own
     b.at(2).close()
     st = replay(tmp_path / "t.mtr")["state"]
-    assert [(v.start, v.end, v.path) for v in st.spaces[8].vmas.values()] == \
-        [(0x1000, 0x3000, "/lib/x.so")]
-    assert st.spaces[8].vmas[0x1000] is not st.spaces[7].vmas[0x1000]
+    assert [(v.start, v.end, v.vm_flags, v.pgoff, v.path) for v in st.spaces[8].vmas.values()] \
+        == [(0x1000, 0x2000, 0x3, 0, "/lib/x.so"), (0x2000, 0x3000, 0x1, 1, "/lib/x.so")]
+    assert [(v.start, v.end, v.vm_flags) for v in st.spaces[7].vmas.values()] == \
+        [(0x1000, 0x3000, 0x3)]
+    assert st.spaces[8].vma_at(0x2fff).vm_flags == 0x1 and st.spaces[8].vma_at(0x3000) is None
 
 
 def test_oracle_weighs_by_guest_seconds_when_the_trace_has_the_guest_clock(tmp_path):

@@ -102,3 +102,43 @@ def test_checkpoints_are_used(tmp_path):
     # sequential replay skips checkpoints and still gives the same final state
     assert full_figures(Replay(tr, progress=False).run()) == \
         full_figures(Replay(open_trace(path), progress=False).seek(10**9))
+
+
+vma_op = st.tuples(st.sampled_from(["map", "unmap", "protect"]), st.integers(0, 15),
+                   st.integers(1, 6), st.integers(0, 7), st.booleans())
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(vma_op, max_size=30))
+def test_vma_events_match_a_page_by_page_reference(ops):
+    """MAP, UNMAP and PROTECT over a few pages give the same VMAs, page by page (flags, file
+    and file offset), as a reference that keeps one entry per page."""
+    from analyses.state import ReplayState
+    from traces.format import VmaOp
+
+    state = ReplayState(4)
+    ref: dict[int, tuple[int, int, int]] = {}
+    for kind, first, npages, flags, named in ops:
+        start, end = first << 12, (first + npages) << 12
+        pages = range(first, first + npages)
+        if kind == "map":
+            ino = 9 if named else 0
+            state.apply_vma(VmaOp.MAP, 1, start, end, flags, 3, ino, 1 if named else 0, None)
+            ref.update({p: (flags, ino, 3 + (p - first) if ino else 3) for p in pages})
+        elif kind == "unmap":
+            state.apply_vma(VmaOp.UNMAP, 1, start, end, 0, 0, 0, 0, None)
+            for p in pages:
+                ref.pop(p, None)
+        else:
+            state.apply_vma(VmaOp.PROTECT, 1, start, end, flags, 0, 0, 0, None)
+            ref.update({p: (flags, *ref[p][1:]) for p in pages if p in ref})
+        sp = state.spaces[1]
+        got: dict[int, tuple[int, int, int]] = {}
+        for v in sp.vmas.values():
+            assert v.start < v.end
+            for p in range(v.start >> 12, v.end >> 12):
+                assert p not in got, "VMAs overlap"
+                got[p] = (v.vm_flags, v.ino, v.pgoff + (p - (v.start >> 12)) if v.ino else v.pgoff)
+                assert sp.vma_at(p << 12) is v
+        assert got == ref
+        assert sp.vma_at(32 << 12) is None
