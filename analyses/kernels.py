@@ -644,8 +644,8 @@ class ContentTable:
 
     def ids(self, hash_lo: np.ndarray, hash_hi: np.ndarray) -> np.ndarray:
         """Content ids for the given hashes (int64 array, same length)."""
-        lo = np.ascontiguousarray(hash_lo, dtype=np.uint64)
-        hi = np.ascontiguousarray(hash_hi, dtype=np.uint64)
+        lo = np.asarray(hash_lo, dtype=np.uint64)  # a strided column is fine
+        hi = np.asarray(hash_hi, dtype=np.uint64)
         out = np.empty(len(lo), dtype=np.int64)
         i = 0
         while (i := content_ids(self._view, lo, hi, out, i)) < len(lo):
