@@ -268,8 +268,9 @@ def content_ids(ct: ContentArrays, hash_lo: np.ndarray, hash_hi: np.ndarray, out
 
 # -- counters -----------------------------------------------------------------------------------
 # FrameState = (content, proc_count, named, ref_all, ref_mapped, ref_anon, cnt)
-# ContentLog = (mark, log_cid, log_before, nlog): mark[cid] >= 0 once cid is logged in this block;
-#              an empty mark array turns logging off
+# ContentLog = (mark, log_cid, log_before, nlog): mark[cid] >= 0 once cid is logged in this block
+#              (the fourth column of the count rows: it costs no miss of its own); an empty mark
+#              array turns logging off
 # Tables = (vkeys, vvals, pkeys, pvals, shifts, tab_n, space_pages, skeys, svals): the mapping
 #          and pair tables, the hash shifts of these two and of the space table, tab_n = [entries
 #          in each, most entries each may hold before it must grow], present virtual pages per

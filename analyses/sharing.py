@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from analyses.base import Analysis, Result, Table
+from analyses.kernels import PREFETCH_AHEAD, hot, prefetch
 from analyses.state import ReplayState
 from analyses.timeline import MIB_PAGES, default_interval, pages_to_mib, samples_in
 from traces.format import Kind, MarkOp
@@ -32,46 +33,113 @@ def parse_base(s: str) -> int:
 FIGURES = ("no_sharing", "mmap_fork", "ksm_hint_all", "full_cbps")
 
 
+# what ``frame_census`` counts, by index into its output
+_CENSUS = ("no_sharing", "mmap_fork", "named_frames", "anon_frames", "unknown_mapped",
+           "unknown_anon", "zero_pages", "guest_frames", "guest_distinct", "distinct_mapped",
+           "distinct_anon", "shareable_anonymous_contents", "shareable_anonymous_sharings",
+           "shareable_named_contents", "shareable_named_sharings", "shareable_mixed_contents",
+           "shareable_mixed_sharings")
+(_NO_SHARING, _MMAP_FORK, _NAMED, _ANON, _UNKNOWN, _UNKNOWN_ANON, _ZERO, _GUEST,
+ _GUEST_DISTINCT, _DISTINCT, _DISTINCT_ANON, _SH_ANON, _SH_ANON_N, _SH_NAMED, _SH_NAMED_N,
+ _SH_MIXED, _SH_MIXED_N) = range(len(_CENSUS))
+
+
+@hot
+def frame_census(content: np.ndarray, proc_count: np.ndarray, named: np.ndarray, zero_cid: int,
+                 scratch: np.ndarray, touched: np.ndarray, out: np.ndarray) -> None:
+    """One pass over the frames: per content held, how many mapped frames and mapped named
+    frames hold it and how many frames hold it at all (``scratch`` rows, all zero before and
+    after), then the counts ``_CENSUS`` names into ``out``."""
+    out[:] = 0
+    nt = 0
+    n = len(content)
+    for f in range(n):
+        if f + PREFETCH_AHEAD < n and content[f + PREFETCH_AHEAD] >= 0:
+            prefetch(scratch[:, 2], content[f + PREFETCH_AHEAD])
+        c = content[f]
+        if c >= 0:
+            out[_GUEST] += 1
+            if scratch[c, 2] == 0:
+                touched[nt] = c
+                nt += 1
+            scratch[c, 2] += 1
+        p = proc_count[f]
+        if p <= 0:
+            continue
+        out[_NO_SHARING] += p
+        out[_MMAP_FORK] += 1
+        if named[f]:
+            out[_NAMED] += 1
+        else:
+            out[_ANON] += 1
+        if c < 0:
+            out[_UNKNOWN] += 1
+            if not named[f]:
+                out[_UNKNOWN_ANON] += 1
+            continue
+        if c == zero_cid:
+            out[_ZERO] += 1
+        scratch[c, 0] += 1
+        if named[f]:
+            scratch[c, 1] += 1
+    out[_GUEST_DISTINCT] = nt
+    for i in range(nt):
+        c = touched[i]
+        total, n_named = scratch[c, 0], scratch[c, 1]
+        n_anon = total - n_named
+        scratch[c, 0] = 0
+        scratch[c, 1] = 0
+        scratch[c, 2] = 0
+        if total == 0:
+            continue
+        out[_DISTINCT] += 1
+        if n_anon > 0:
+            out[_DISTINCT_ANON] += 1
+        if total < 2:
+            continue
+        k = _SH_ANON if n_named == 0 else _SH_NAMED if n_anon == 0 else _SH_MIXED
+        out[k] += 1
+        out[k + 1] += total - 1
+
+
+class FrameCensus:
+    """Figures and Table 5.2 breakdown recomputed from scratch over the frames, independently
+    of the engine's incremental counters (the tests compare the two). Keeps its scratch rows
+    from one sample to the next: fresh ones per sample cost more than the count itself."""
+
+    def __init__(self) -> None:
+        self._scratch = np.zeros((0, 3), dtype=np.int32)
+        self._touched = np.zeros(0, dtype=np.int64)
+        self._out = np.zeros(len(_CENSUS), dtype=np.int64)
+
+    def __call__(self, st: ReplayState) -> dict[str, Any]:
+        if len(self._scratch) < len(st.contents):
+            self._scratch = np.zeros((max(len(st.contents), 2 * len(self._scratch)), 3),
+                                     dtype=np.int32)
+        if len(self._touched) < len(st.content):
+            self._touched = np.zeros(len(st.content), dtype=np.int64)
+        frame_census(st.content, st.proc_count, st.named, st.zero_cid, self._scratch,
+                     self._touched, self._out)
+        c = dict(zip(_CENSUS, self._out.tolist(), strict=True))
+        out: dict[str, Any] = {
+            "no_sharing": c["no_sharing"],
+            "mmap_fork": c["mmap_fork"],
+            # eq. 4.8: named frames stay, anonymous ones merge by content
+            "ksm_hint_all": c["named_frames"] + c["distinct_anon"] + c["unknown_anon"],
+            # eq. 4.9: one frame per distinct content (a frame of unknown content is its own)
+            "full_cbps": c["distinct_mapped"] + c["unknown_mapped"],
+        }
+        for k in ("zero_pages", "anon_frames", "named_frames", "guest_frames", "guest_distinct"):
+            out[k] = c[k]
+        for kind in ("anonymous", "named", "mixed"):
+            for what in ("contents", "sharings"):
+                out[f"shareable_{kind}_{what}"] = c[f"shareable_{kind}_{what}"]
+        return out
+
+
 def full_figures(st: ReplayState) -> dict[str, Any]:
     """Figures and Table 5.2 breakdown recomputed from scratch over the mapped frames."""
-    mapped = np.flatnonzero(st.proc_count > 0)
-    c = st.content[mapped]
-    named = st.named[mapped]
-    anon = ~named
-    known = c >= 0
-    kc = c[known]
-    # per content held by a mapped frame: how many mapped frames, and named frames, hold it
-    # (dense ids: bincount, then only the contents present, since a trace's contents can
-    # outnumber its mapped frames twenty to one)
-    ncontents = len(st.contents)
-    counts = np.bincount(kc, minlength=ncontents)
-    held = np.flatnonzero(counts)
-    total = counts[held]
-    n_named = np.bincount(kc[named[known]], minlength=ncontents)[held]
-    n_anon = total - n_named
-    guest = st.content[st.content >= 0]
-    dup = total >= 2
-    kinds = {
-        "anonymous": dup & (n_named == 0),
-        "named": dup & (n_anon == 0),
-        "mixed": dup & (n_anon > 0) & (n_named > 0),
-    }
-    out: dict[str, Any] = {
-        "no_sharing": int(st.proc_count[mapped].sum()),
-        "mmap_fork": len(mapped),
-        "ksm_hint_all": int(named.sum()) + int(np.count_nonzero(n_anon))
-        + int((anon & ~known).sum()),
-        "full_cbps": int(np.count_nonzero(total)) + int((~known).sum()),
-        "zero_pages": int((c == st.zero_cid).sum()),
-        "anon_frames": int(anon.sum()),
-        "named_frames": int(named.sum()),
-        "guest_frames": len(guest),
-        "guest_distinct": int(np.count_nonzero(np.bincount(guest, minlength=ncontents))),
-    }
-    for kind, sel in kinds.items():
-        out[f"shareable_{kind}_contents"] = int(sel.sum())
-        out[f"shareable_{kind}_sharings"] = int((total[sel] - 1).sum())
-    return out
+    return FrameCensus()(st)
 
 
 @dataclass
@@ -150,6 +218,7 @@ class SharingAnalysis(Analysis):
         self.samples: list[dict[str, Any]] = []
         self.peak: dict[str, Any] | None = None
         self.peak_spaces: SpacesAtPeak | None = None
+        self.census = FrameCensus()
 
     def begin(self, replay: Any) -> None:
         super().begin(replay)
@@ -160,7 +229,7 @@ class SharingAnalysis(Analysis):
         self.origin = tr.t_begin
 
     def _sample(self, st: ReplayState, s: int) -> None:
-        fig = {"t": s, **full_figures(st)}
+        fig = {"t": s, **self.census(st)}
         self.samples.append(fig)
         if self.peak is None or fig["mmap_fork"] > self.peak["mmap_fork"]:
             self.peak = fig

@@ -227,10 +227,9 @@ class ReplayState:
         self.file_dev = np.zeros(nframes, dtype=np.uint64)
         self.file_ino = np.zeros(nframes, dtype=np.uint64)
         self.file_index = np.zeros(nframes, dtype=np.uint64)
-        self._content_arrays(np.zeros((1024, 4), dtype=np.int32))
-        # per content id, for the change log; sized like the reference counts once there are
-        # listeners
-        self._mark = np.zeros(0, dtype=np.int64)
+        rows = np.zeros((1024, 4), dtype=np.int32)
+        rows[:, 3] = -1
+        self._content_arrays(rows)
 
     def _init_state(self) -> None:
         self.spaces: dict[int, AddressSpace] = {}
@@ -316,8 +315,9 @@ class ReplayState:
 
     # -- storage --------------------------------------------------------------------------------
     # What one record touches sits together in memory: a frame's content id and proc_count share
-    # a row, and so do a content's three reference counts (columns: all, mapped, anon), so that
-    # a page update costs a few cache misses, not one per array. The 1-D names are views.
+    # a row, and so do a content's three reference counts (columns: all, mapped, anon) and its
+    # change-log mark (-1, or where the block's log holds it), so that a page update costs a few
+    # cache misses, not one per array. The 1-D names are views.
     def _frame_arrays(self, rows: np.ndarray, nframes: int) -> None:
         self._frames2 = rows
         self.content = rows[:, 0]
@@ -329,6 +329,7 @@ class ReplayState:
         self.ref_all = rows[:, 0]
         self.ref_mapped = rows[:, 1]
         self.ref_anon = rows[:, 2]
+        self._mark = rows[:, 3]
 
     def ensure_frames(self, max_frame: int) -> None:
         if max_frame < self.nframes:
@@ -348,17 +349,14 @@ class ReplayState:
         self._views()
 
     def _ensure_ids(self, n: int) -> None:
-        """Room for ``n`` content ids in the per-id arrays (and the change log's marks)."""
+        """Room for ``n`` content ids in the per-id arrays."""
         if n > len(self.ref_all):
             size = max(n, 2 * len(self.ref_all))
             rows = np.zeros((size, 4), dtype=self._refs.dtype)
             rows[:len(self._refs)] = self._refs
+            rows[len(self._refs):, 3] = -1
             self._content_arrays(rows)
             self._views()
-        if self.listeners and len(self._mark) < len(self.ref_all):
-            mark = np.full(len(self.ref_all), -1, dtype=np.int64)
-            mark[:len(self._mark)] = self._mark
-            self._mark = mark
 
     def _room_for_maps(self, mm: int, frame: int) -> None:
         """The mapping loop stopped short: make the address space ``mm``, grow the frame arrays
@@ -397,8 +395,6 @@ class ReplayState:
         self.version += 1
         log = self.listeners and (np.empty(changes, dtype=np.int64),
                                   np.empty(changes, dtype=np.int64), np.zeros(1, dtype=np.int64))
-        if log and len(self._mark) < len(self.ref_all):
-            self._ensure_ids(0)
         if records is None:
             kernel(*args, self._fs, (self._mark, *log) if log else _NO_LOG)
         else:
@@ -552,7 +548,7 @@ class ReplayState:
         self.t = t
 
 
-_NO_LOG = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64),
+_NO_LOG = (np.zeros((0, 4), dtype=np.int32)[:, 3], np.zeros(0, dtype=np.int64),
            np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64))
 
 
