@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from analyses.base import Analysis, Result, Table
-from analyses.kernels import PREFETCH_AHEAD, hot, prefetch
+from analyses.kernels import MMID_SHIFT, PREFETCH_AHEAD, hot, prefetch
 from analyses.state import ReplayState
 from analyses.timeline import MIB_PAGES, default_interval, pages_to_mib, samples_in
 from traces.format import Kind, MarkOp
@@ -145,12 +145,15 @@ def full_figures(st: ReplayState) -> dict[str, Any]:
 @dataclass
 class SpacesAtPeak:
     """What the per-address-space table needs, copied at a new peak and tabulated at the end:
-    peaks come often while a workload grows, and the table costs a sort per address space."""
+    peaks come at most samples while a workload grows, so the copy takes only the mappings as
+    they lie in the table (unsorted) and, per mapping, what its frame holds."""
 
     names: dict[int, list[str]]
-    mappings: dict[int, tuple[np.ndarray, np.ndarray]]
-    content: np.ndarray
-    named: np.ndarray
+    mm_of: dict[int, int]  # mmid -> mm
+    keys: np.ndarray  # mapping-table keys (mmid << 40 | virtual page)
+    frames: np.ndarray
+    content: np.ndarray  # per mapping: its frame's content id, named bit, proc_count, and
+    named: np.ndarray    # how many mapped frames hold that content (0: content unknown)
     proc_count: np.ndarray
     ref_mapped: np.ndarray
 
@@ -160,31 +163,45 @@ class SpacesAtPeak:
         for t in sorted(st.tasks.values(), key=lambda t: t.pid):
             if t.mm and t.pid == t.tgid:
                 names.setdefault(t.mm, []).append(f"{t.comm}[{t.tgid}]")
-        return cls(names, st.mappings(), st.content.copy(), st.named.copy(),
-                   st.proc_count.copy(), st.ref_mapped[:len(st.contents)].copy())
+        occupied = st.vmap.keys != 0
+        keys, frames = st.vmap.keys[occupied], st.vmap.vals[occupied]
+        c = st.content[frames]
+        known = c >= 0
+        return cls(names, {sp.mmid: mm for mm, sp in st.spaces.items()}, keys, frames, c,
+                   st.named[frames], st.proc_count[frames],
+                   np.where(known, st.ref_mapped[np.where(known, c, 0)], 0))
 
 
 def per_space(at: SpacesAtPeak) -> list[dict[str, Any]]:
     """One row per address space: its pages and how much of them is shared or shareable."""
     rows = []
-    for mm, (vpn, frame) in at.mappings.items():
-        frames = np.unique(frame)
-        c = at.content[frames]
-        named = at.named[frames]
+    mmid = (at.keys >> np.uint64(MMID_SHIFT)).astype(np.int64)
+    order = np.argsort(mmid, kind="stable")
+    starts = np.flatnonzero(np.r_[True, mmid[order][1:] != mmid[order][:-1]]) if len(order) \
+        else np.zeros(0, dtype=np.int64)
+    ends = np.r_[starts[1:], len(order)]
+    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        mm = at.mm_of.get(int(mmid[order[a]]))
+        if mm is None:
+            continue
+        sel = order[a:b]
+        frames, first = np.unique(at.frames[sel], return_index=True)
+        one = sel[first]  # one mapping per frame
+        c = at.content[one]
+        named = at.named[one]
         known = c >= 0
-        pc = at.proc_count[frames]
-        shareable = known & (at.ref_mapped[np.where(known, c, 0)] >= 2)
+        pc = at.proc_count[one]
         rows.append({
             "mm": f"{mm:#x}",
             "tasks": " ".join(at.names.get(mm, [])) or "?",
-            "vpages": len(vpn),
+            "vpages": len(sel),
             "frames": len(frames),
             "anon": int((~named).sum()),
             "named": int(named.sum()),
             "exclusive": int((pc == 1).sum()),
             "pss_pages": round(float((1.0 / pc).sum()), 1),
             "self_sharings": int(known.sum()) - len(np.unique(c[known])),
-            "shareable": int(shareable.sum()),
+            "shareable": int((known & (at.ref_mapped[one] >= 2)).sum()),
         })
     rows.sort(key=lambda r: -r["frames"])
     return rows
