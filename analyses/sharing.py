@@ -174,11 +174,12 @@ class SpacesAtPeak:
 
 def per_space(at: SpacesAtPeak) -> list[dict[str, Any]]:
     """One row per address space: its pages and how much of them is shared or shareable."""
-    rows = []
+    rows: list[dict[str, Any]] = []
+    if not len(at.keys):
+        return rows
     mmid = (at.keys >> np.uint64(MMID_SHIFT)).astype(np.int64)
     order = np.argsort(mmid, kind="stable")
-    starts = np.flatnonzero(np.r_[True, mmid[order][1:] != mmid[order][:-1]]) if len(order) \
-        else np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, mmid[order][1:] != mmid[order][:-1]])
     ends = np.r_[starts[1:], len(order)]
     for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
         mm = at.mm_of.get(int(mmid[order[a]]))
