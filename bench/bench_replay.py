@@ -32,12 +32,21 @@ NFRAMES = 131072  # 512 MiB guest
 
 def best_of(fn: Callable[[], object], runs: int = 3) -> float:
     """The shortest of ``runs`` timings of ``fn()`` (this machine is shared and noisy)."""
-    times = []
+    return alternated([fn], runs)[0]
+
+
+def alternated(fns: list[Callable[[], object]], runs: int = 3) -> list[float]:
+    """The shortest of ``runs`` timings of each function, the functions taking turns, so that
+    a ratio of two compares them under the same load and with the same memory already
+    faulted in (timed one after the other, the first measured paid for the second's page
+    faults, which on this VM made decompression look twice as slow as it is)."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [min(ts) for ts in times]
 
 
 def replay(path: str, analyses: bool = False) -> None:
@@ -78,8 +87,9 @@ def bench_pages(updates: int, per_epoch: int) -> dict[str, float]:
         tr = open_trace(path)
         size = os.path.getsize(path)
         raw = sum(len(tr._payload(c)) for c in tr.chunks)
-        t_dec = best_of(lambda: [tr._payload(c) for c in tr.chunks])
-        t_engine = best_of(lambda: replay(path))
+        replay(path)
+        t_dec, t_engine = alternated([lambda: [tr._payload(c) for c in tr.chunks],
+                                      lambda: replay(path)])
         t_all = best_of(lambda: replay(path, analyses=True), runs=1)
     return {"updates": updates, "per_epoch": per_epoch, "trace_MB": size / 1e6,
             "raw_MB": raw / 1e6, "decompress_s": t_dec, "replay_s": t_engine,
@@ -91,7 +101,6 @@ def bench_pages(updates: int, per_epoch: int) -> dict[str, float]:
 def bench_real(path: str) -> None:
     """Replay of a recorded trace (the shipped sample by default) against its decompression."""
     tr = open_trace(path)
-    t_dec = best_of(lambda: [tr._payload(c) for c in tr.chunks], runs=5)
     counts = {Kind.PAGE: 0, Kind.MAP: 0}
     for chunk in tr.iter_chunks():
         for k, r in chunk.blocks:
@@ -100,7 +109,8 @@ def bench_real(path: str) -> None:
     t0 = time.perf_counter()
     replay(path)  # the first replay of a process loads (or, once per machine, compiles) kernels
     t_first = time.perf_counter() - t0
-    t_engine = best_of(lambda: replay(path), runs=5)
+    t_dec, t_engine = alternated([lambda: [tr._payload(c) for c in tr.chunks],
+                                  lambda: replay(path)], runs=7)
     t_pages = min(time_page_updates(path) for _ in range(3))
     t_all = best_of(lambda: replay(path, analyses=True))
     print(f"recorded trace {Path(path).name}: {os.path.getsize(path) / 1e6:.1f} MB, "
