@@ -356,16 +356,16 @@ def apply_pages(frames: np.ndarray, ids: np.ndarray, start: int, fs: FrameState,
         # arrived) the counts of the content the frame holds now
         if i + ahead < n:
             g = np.int64(frames[i + ahead])
-            if g < nframes:
+            if 0 <= g < nframes:
                 prefetch(content, g)
             if 0 <= ids[i + ahead] < nids:
                 prefetch(ref_all, ids[i + ahead])
         if i + half < n:
             g = np.int64(frames[i + half])
-            if g < nframes and 0 <= content[g] < nids:
+            if 0 <= g < nframes and 0 <= content[g] < nids:
                 prefetch(ref_all, content[g])
         f = np.int64(frames[i])
-        if f >= nframes:
+        if not 0 <= f < nframes:  # (a frame of 2**63 or more casts negative)
             return i
         _set_frame(f, ids[i], fs[2][f], fs, lg)
     return n
@@ -389,7 +389,7 @@ def apply_pagecache(ops: np.ndarray, frames: np.ndarray, dev: np.ndarray, ino: n
         else:
             continue
         f = np.int64(frames[i])
-        if f >= nframes:
+        if not 0 <= f < nframes:  # (a frame of 2**63 or more casts negative)
             return i
         if value:
             file_dev[f] = dev[i]
@@ -478,13 +478,13 @@ def apply_maps(mms: np.ndarray, vpns: np.ndarray, frames: np.ndarray, flags: np.
             m = mmid << sh
             prefetch(vkeys, _home(m | np.uint64(vpns[j]), shifts[0]))
             g = np.int64(frames[j])
-            if flags[j] & MAP_PRESENT and g < nframes:
+            if flags[j] & MAP_PRESENT and 0 <= g < nframes:
                 prefetch(pkeys, _home(m | np.uint64(g), shifts[1]))
                 prefetch(content, g)
         j = i + PREFETCH_AHEAD // 2
         if j < n:
             g = np.int64(frames[j])
-            if flags[j] & MAP_PRESENT and g < nframes and 0 <= content[g] < nids:
+            if flags[j] & MAP_PRESENT and 0 <= g < nframes and 0 <= content[g] < nids:
                 prefetch(ref_all, content[g])
         if mmid == 0 or mms[i] != last_mm:
             s = table_find(skeys, space_key(mms[i]), shifts[2])
@@ -497,10 +497,10 @@ def apply_maps(mms: np.ndarray, vpns: np.ndarray, frames: np.ndarray, flags: np.
         old = vvals[s] if s >= 0 else -1
         if flags[i] & MAP_PRESENT:
             f = np.int64(frames[i])
+            if not 0 <= f < nframes:  # (a frame of 2**63 or more casts negative)
+                return i
             if old == f:
                 continue
-            if f >= nframes:
-                return i
             if s >= 0:
                 vvals[s] = f
             else:

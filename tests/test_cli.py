@@ -82,17 +82,28 @@ def test_bad_inputs_one_line(tmp_path, trace):
     assert "at byte 0" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
-def test_frame_beyond_guest_ram_one_line(tmp_path):
-    """A PAGE record naming a frame far beyond the header's RAM: one line with the chunk's
-    offset, exit 1 (the compiled loop stops there and the state refuses to grow that far)."""
+@pytest.mark.parametrize("kind,frame", [("page", 1 << 30), ("page", (1 << 63) + 5),
+                                        ("map", (1 << 64) - 1), ("pagecache", 1 << 63)])
+def test_frame_beyond_guest_ram_one_line(tmp_path, kind, frame):
+    """A record naming a frame far beyond the header's RAM (bit 63 set included, which a signed
+    index would turn negative): one line with the chunk's offset, exit 1 (the compiled loop
+    stops there and the state refuses to grow that far)."""
     p = tmp_path / "far.mtr"
+    frames = np.array([1, frame], dtype=np.uint64)
+    two = np.array([5, 6], dtype=np.uint64)
     with TraceWriter(str(p), {"ram_size": 64 * 4096, "source": "synthetic"}) as w:
         w.time(0)
-        w.page(np.array([1, 1 << 30], dtype=np.uint64), np.array([5, 6], dtype=np.uint64),
-               np.array([5, 6], dtype=np.uint64))
+        if kind == "page":
+            w.page(frames, two, two)
+        elif kind == "map":
+            w.task(1, 10, 10, 1, mm=7, name="p")
+            w.map(np.array([7, 7], dtype=np.uint64), two, frames, np.array([1, 1], np.uint64))
+        else:
+            w.pagecache(np.array([1, 1], np.uint32), np.array([1, 1], np.uint32), two, two,
+                        frames)
         w.time(10)
     err = run(p, "--oracle", check_rc=1).stderr
-    assert "frame 0x40000000 is beyond guest RAM" in err and "at byte" in err
+    assert f"frame {frame:#x} is beyond guest RAM" in err and "at byte" in err
     assert len(err.strip().splitlines()) == 1
 
 
