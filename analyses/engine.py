@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from analyses.base import Analysis
-from analyses.state import FrameBeyondRam, ReplayState
+from analyses.state import BadRecord, FrameBeyondRam, ReplayState
 from traces.format import Kind, MarkOp
 from traces.reader import Chunk, ChunkInfo, Trace, TraceError
 
@@ -54,8 +54,9 @@ class Replay:
             return self._apply_blocks(chunk, until)
         except FrameBeyondRam as e:
             raise TraceError(self.trace.path, chunk.info.offset,
-                             f"{e} ({self.trace.ram_size} bytes)",
-                             "the trace is corrupt or its header's ram_size is wrong") from None
+                             str(FrameBeyondRam(e.frame, self.trace.ram_size)), e.hint) from None
+        except BadRecord as e:
+            raise TraceError(self.trace.path, chunk.info.offset, str(e), e.hint) from None
 
     def _apply_blocks(self, chunk: Chunk, until: int | None) -> bool:
         st = self.state

@@ -62,6 +62,7 @@ N_COUNTERS = 12
 
 MMID_SHIFT = 40
 LOW_MASK = (1 << MMID_SHIFT) - 1
+_LOW = np.uint64(LOW_MASK)
 _PC_ADD = int(PageCacheOp.ADD)
 _PC_DEL = int(PageCacheOp.DEL)
 _MULT = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing
@@ -459,7 +460,7 @@ def apply_maps(mms: np.ndarray, vpns: np.ndarray, frames: np.ndarray, flags: np.
     maps ``frames[i]`` (if ``flags[i]`` has MAP_PRESENT) or nothing. Returns the index it
     stopped at: ``len(vpns)``, or the first record whose address space has no mmid yet, that
     could overfill a table, or whose frame is beyond the frame arrays (the caller makes room and
-    calls again from there)."""
+    calls again from there), or whose virtual page does not fit 40 bits (the caller raises)."""
     vkeys, vvals, shifts, tab_n, space_pages, cnt = tb[0], tb[1], tb[4], tb[5], tb[6], fs[6]
     skeys, svals = tb[7], tb[8]
     nframes = len(fs[0])
@@ -492,6 +493,8 @@ def apply_maps(mms: np.ndarray, vpns: np.ndarray, frames: np.ndarray, flags: np.
                 return i
             last_mm = mms[i]
             mmid = np.uint64(svals[s])
+        if np.uint64(vpns[i]) > _LOW:  # would spill into the mmid bits
+            return i
         key = (mmid << sh) | np.uint64(vpns[i])
         s = table_find(vkeys, key, shifts[0])
         old = vvals[s] if s >= 0 else -1

@@ -184,11 +184,20 @@ class AddressSpace:
                             self.had_tasks, None, self.mapping() if mapping is None else mapping)
 
 
-class FrameBeyondRam(ValueError):
+class BadRecord(ValueError):
+    """A record the state cannot hold: the trace is corrupt (``hint`` says what to check)."""
+
+    hint = "the trace is corrupt"
+
+
+class FrameBeyondRam(BadRecord):
     """A record names a frame far beyond the guest RAM the trace declares."""
 
-    def __init__(self, frame: int) -> None:
-        super().__init__(f"frame {frame:#x} is beyond guest RAM")
+    hint = "the trace is corrupt or its header's ram_size is wrong"
+
+    def __init__(self, frame: int, ram_size: int | None = None) -> None:
+        super().__init__(f"frame {frame:#x} is beyond guest RAM"
+                         + (f" ({ram_size} bytes)" if ram_size is not None else ""))
         self.frame = frame
 
 
@@ -358,9 +367,11 @@ class ReplayState:
             self._content_arrays(rows)
             self._views()
 
-    def _room_for_maps(self, mm: int, frame: int) -> None:
+    def _room_for_maps(self, mm: int, vpn: int, frame: int) -> None:
         """The mapping loop stopped short: make the address space ``mm``, grow the frame arrays
         to ``frame``, grow a mapping table that is full."""
+        if vpn > LOW_MASK:
+            raise BadRecord(f"virtual page {vpn:#x} of mm {mm:#x} is beyond 2**{MMID_SHIFT}")
         self._space(mm)
         self.ensure_frames(frame)
         for i, table in enumerate((self.vmap, self.frame_pairs)):
@@ -445,10 +456,11 @@ class ReplayState:
 
     def apply_maps(self, rec: np.ndarray) -> None:
         """MAP records, in order."""
-        mm, frame = rec["mm"], rec["frame"]
-        self._run(kernels.apply_maps, mm, rec["vpn"], frame, rec["flags"], changes=2 * len(rec),
+        mm, vpn, frame = rec["mm"], rec["vpn"], rec["frame"]
+        self._run(kernels.apply_maps, mm, vpn, frame, rec["flags"], changes=2 * len(rec),
                   records=len(rec), views=lambda: (self._tb,),
-                  make_room=lambda i: self._room_for_maps(int(mm[i]), int(frame[i])))
+                  make_room=lambda i: self._room_for_maps(int(mm[i]), int(vpn[i]),
+                                                          int(frame[i])))
 
     def release_space(self, mm: int) -> None:
         """The address space is gone: drop all its mappings."""

@@ -107,6 +107,21 @@ def test_frame_beyond_guest_ram_one_line(tmp_path, kind, frame):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_virtual_page_beyond_40_bits_one_line(tmp_path):
+    """A mapping whose virtual page would spill into the address-space bits of the mapping
+    table's key: one line, exit 1."""
+    p = tmp_path / "vpn.mtr"
+    with TraceWriter(str(p), {"ram_size": 64 * 4096, "source": "synthetic"}) as w:
+        w.time(0)
+        w.task(1, 10, 10, 1, mm=7, name="p")
+        w.map(np.array([7, 7], np.uint64), np.array([3, 1 << 40], np.uint64),
+              np.array([1, 2], np.uint64), np.array([1, 1], np.uint64))
+        w.time(10)
+    err = run(p, "--oracle", check_rc=1).stderr
+    assert "virtual page 0x10000000000 of mm 0x7 is beyond 2**40" in err and "at byte" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_truncated_trace_warns_and_analyzes(trace, tmp_path):
     data = trace.read_bytes()
     cut = tmp_path / "cut.mtr"
