@@ -269,9 +269,9 @@ def content_ids(ct: ContentArrays, hash_lo: np.ndarray, hash_hi: np.ndarray, out
 
 # -- counters -----------------------------------------------------------------------------------
 # FrameState = (content, proc_count, named, ref_all, ref_mapped, ref_anon, cnt)
-# ContentLog = (mark, log_cid, log_before, nlog): mark[cid] >= 0 once cid is logged in this block
-#              (the fourth column of the count rows: it costs no miss of its own); an empty mark
-#              array turns logging off
+# ContentLog = (mark, log_cid, log_before, nlog): mark[cid] = 1 + its place in the log once cid
+#              is logged in this block, else 0 (the fourth column of the count rows: it costs no
+#              miss of its own); an empty mark array turns logging off
 # Tables = (vkeys, vvals, pkeys, pvals, shifts, tab_n, space_pages, skeys, svals): the mapping
 #          and pair tables, the hash shifts of these two and of the space table, tab_n = [entries
 #          in each, most entries each may hold before it must grow], present virtual pages per
@@ -306,9 +306,9 @@ def _contribute(f: int, d: int, fs: FrameState, lg: ContentLog) -> None:
     if c == cnt[C_ZERO_CID]:
         cnt[C_ZERO_MAPPED] += d
     mark, log_cid, log_before, nlog = lg
-    if len(mark) and mark[c] < 0:  # first change of this content in the block: note its value
+    if len(mark) and mark[c] == 0:  # first change of this content in the block: note its value
         k = nlog[0]
-        mark[c] = k
+        mark[c] = k + 1
         log_cid[k] = c
         log_before[k] = ref_mapped[c]
         nlog[0] = k + 1
@@ -610,8 +610,9 @@ class ContentTable:
     """
 
     def __init__(self, capacity_bits: int = 12) -> None:
-        self.lo = np.empty(1024, dtype=np.uint64)
-        self.hi = np.empty(1024, dtype=np.uint64)
+        # room for as many ids as the table holds before it must grow
+        self.lo = np.empty(1 << (capacity_bits - 1), dtype=np.uint64)
+        self.hi = np.empty(1 << (capacity_bits - 1), dtype=np.uint64)
         # ids assigned, entries in the table, most entries before it must grow
         self.counts = np.zeros(3, dtype=np.int64)
         self._table = Table(capacity_bits)

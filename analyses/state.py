@@ -236,9 +236,9 @@ class ReplayState:
         self.file_dev = np.zeros(nframes, dtype=np.uint64)
         self.file_ino = np.zeros(nframes, dtype=np.uint64)
         self.file_index = np.zeros(nframes, dtype=np.uint64)
-        rows = np.zeros((1024, 4), dtype=np.int32)
-        rows[:, 3] = -1
-        self._content_arrays(rows)
+        # as many rows as the content table has ids before it grows (zeros are not written:
+        # memory is faulted in as ids are used)
+        self._content_arrays(np.zeros((len(self.contents.lo), 4), dtype=np.int32))
 
     def _init_state(self) -> None:
         self.spaces: dict[int, AddressSpace] = {}
@@ -325,7 +325,7 @@ class ReplayState:
     # -- storage --------------------------------------------------------------------------------
     # What one record touches sits together in memory: a frame's content id and proc_count share
     # a row, and so do a content's three reference counts (columns: all, mapped, anon) and its
-    # change-log mark (-1, or where the block's log holds it), so that a page update costs a few
+    # change-log mark (0, or 1 + where the block's log holds it), so that a page update costs a few
     # cache misses, not one per array. The 1-D names are views.
     def _frame_arrays(self, rows: np.ndarray, nframes: int) -> None:
         self._frames2 = rows
@@ -363,7 +363,6 @@ class ReplayState:
             size = max(n, 2 * len(self.ref_all))
             rows = np.zeros((size, 4), dtype=self._refs.dtype)
             rows[:len(self._refs)] = self._refs
-            rows[len(self._refs):, 3] = -1
             self._content_arrays(rows)
             self._views()
 
@@ -423,7 +422,7 @@ class ReplayState:
         if not k:
             return
         cids = log_cid[:k]
-        self._mark[cids] = -1
+        self._mark[cids] = 0
         before = log_before[:k]
         after = self.ref_mapped[cids].astype(np.int64)
         moved = before != after
