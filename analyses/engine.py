@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from analyses.base import Analysis
-from analyses.state import BadRecord, FrameBeyondRam, ReplayState
+from analyses.state import BadRecord, ReplayState
 from traces.format import Kind, MarkOp
 from traces.reader import Chunk, ChunkInfo, Trace, TraceError
 
@@ -52,9 +52,6 @@ class Replay:
         """
         try:
             return self._apply_blocks(chunk, until)
-        except FrameBeyondRam as e:
-            raise TraceError(self.trace.path, chunk.info.offset,
-                             str(FrameBeyondRam(e.frame, self.trace.ram_size)), e.hint) from None
         except BadRecord as e:
             raise TraceError(self.trace.path, chunk.info.offset, str(e), e.hint) from None
 

@@ -269,7 +269,7 @@ def content_ids(ct: ContentArrays, hash_lo: np.ndarray, hash_hi: np.ndarray, out
         if c < 0:
             return i
         out[i] = c
-    return len(hash_lo)
+    return n
 
 
 # -- counters -----------------------------------------------------------------------------------

@@ -53,15 +53,12 @@ def apply_writes(addr: np.ndarray, value: np.ndarray, mem: np.ndarray, m16: np.n
     return n
 
 
-def page_size_shift(page_size: int) -> int:
-    if page_size < 8 or page_size & (page_size - 1):
-        raise ValueError(f"page size {page_size} is not a power of two")
-    return page_size.bit_length() - 1
-
-
 class MemoryImage:
     def __init__(self, nframes: int, page_size: int = 4096) -> None:
+        if page_size < 8 or page_size & (page_size - 1):
+            raise ValueError(f"page size {page_size} is not a power of two")
         self.page_size = page_size
+        self._page_shift = page_size.bit_length() - 1
         self.nframes = nframes
         self.mem = np.zeros(nframes * page_size, dtype=np.uint8)
         self._touched = np.zeros(nframes + 1, dtype=bool)
@@ -75,7 +72,7 @@ class MemoryImage:
             return
         addr = np.ascontiguousarray(rec["addr"])
         i = apply_writes(addr, np.ascontiguousarray(rec["value"]), self.mem, self._m16,
-                         self._m32, self._m64, self._touched, page_size_shift(self.page_size))
+                         self._m32, self._m64, self._touched, self._page_shift)
         if i < len(addr):
             a, size = int(addr[i]) & ADDR_MASK, int(addr[i]) >> 56
             raise ValueError(f"write of {size} bytes at {a:#x} is beyond the memory image"

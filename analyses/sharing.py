@@ -53,9 +53,10 @@ def frame_census(content: np.ndarray, proc_count: np.ndarray, named: np.ndarray,
     out[:] = 0
     nt = 0
     n = len(content)
+    held = scratch[:, 2]
     for f in range(n):
         if f + PREFETCH_AHEAD < n and content[f + PREFETCH_AHEAD] >= 0:
-            prefetch(scratch[:, 2], content[f + PREFETCH_AHEAD])
+            prefetch(held, content[f + PREFETCH_AHEAD])
         c = content[f]
         if c >= 0:
             out[_GUEST] += 1
@@ -121,20 +122,11 @@ class FrameCensus:
         frame_census(st.content, st.proc_count, st.named, st.zero_cid, self._scratch,
                      self._touched, self._out)
         c = dict(zip(_CENSUS, self._out.tolist(), strict=True))
-        out: dict[str, Any] = {
-            "no_sharing": c["no_sharing"],
-            "mmap_fork": c["mmap_fork"],
-            # eq. 4.8: named frames stay, anonymous ones merge by content
-            "ksm_hint_all": c["named_frames"] + c["distinct_anon"] + c["unknown_anon"],
-            # eq. 4.9: one frame per distinct content (a frame of unknown content is its own)
-            "full_cbps": c["distinct_mapped"] + c["unknown_mapped"],
-        }
-        for k in ("zero_pages", "anon_frames", "named_frames", "guest_frames", "guest_distinct"):
-            out[k] = c[k]
-        for kind in ("anonymous", "named", "mixed"):
-            for what in ("contents", "sharings"):
-                out[f"shareable_{kind}_{what}"] = c[f"shareable_{kind}_{what}"]
-        return out
+        # KSM hint all (eq. 4.6): named frames stay, anonymous ones merge by content; full CBPS
+        # (eq. 4.8): one frame per distinct content (a frame of unknown content is its own)
+        c["ksm_hint_all"] = c["named_frames"] + c.pop("distinct_anon") + c.pop("unknown_anon")
+        c["full_cbps"] = c.pop("distinct_mapped") + c.pop("unknown_mapped")
+        return c
 
 
 def full_figures(st: ReplayState) -> dict[str, Any]:

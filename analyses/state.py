@@ -195,9 +195,8 @@ class FrameBeyondRam(BadRecord):
 
     hint = "the trace is corrupt or its header's ram_size is wrong"
 
-    def __init__(self, frame: int, ram_size: int | None = None) -> None:
-        super().__init__(f"frame {frame:#x} is beyond guest RAM"
-                         + (f" ({ram_size} bytes)" if ram_size is not None else ""))
+    def __init__(self, frame: int, ram_size: int) -> None:
+        super().__init__(f"frame {frame:#x} is beyond guest RAM ({ram_size} bytes)")
         self.frame = frame
 
 
@@ -219,6 +218,7 @@ class ReplayState:
     def __init__(self, nframes: int = 0, page_size: int = 4096,
                  max_frames: int | None = None) -> None:
         self.page_size = page_size
+        self.ram_size = nframes * page_size  # as the trace declares it
         self.t = 0
         #: frames beyond this are an error (FrameBeyondRam), not a reason to grow
         self.max_frames = max_frames if max_frames is not None else max(4 * nframes, 1 << 24)
@@ -344,7 +344,7 @@ class ReplayState:
         if max_frame < self.nframes:
             return
         if max_frame >= self.max_frames:
-            raise FrameBeyondRam(max_frame)
+            raise FrameBeyondRam(max_frame, self.ram_size)
         n = max(max_frame + 1, 2 * self.nframes)
         rows = np.zeros((n, 2), dtype=np.int64)
         rows[:, 0] = -1

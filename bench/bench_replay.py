@@ -145,8 +145,7 @@ def warm_image(nframes: int) -> MemoryImage:
     time memory is touched (host side), which would swamp the rate of the writes themselves; a
     replay pays it once per frame, not once per write."""
     img = MemoryImage(nframes)
-    img.mem.reshape(nframes, -1)[:, 0] = 1
-    img.mem.reshape(nframes, -1)[:, 0] = 0
+    img.mem.reshape(nframes, -1)[:, 0] = 0  # a write, so each page is faulted in
     return img
 
 
