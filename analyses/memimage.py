@@ -1,4 +1,4 @@
-"""A guest memory image rebuilt from raw WRITE records (writes-mode traces).
+"""A guest memory image rebuilt from raw WRITE and UNSEEN records (writes-mode traces).
 
 Used to derive page contents from stores alone and to check a writes-mode trace's PAGE records
 against its WRITE records. Writes are applied in trace order by one compiled loop.
@@ -67,7 +67,9 @@ class MemoryImage:
         self._m64 = self.mem.view(np.uint64)
 
     def apply_writes(self, rec: np.ndarray) -> None:
-        """Apply WRITE records (FORMAT.md kind 4) in order; remember the frames they touched."""
+        """Apply WRITE or UNSEEN records (FORMAT.md kinds 4 and 12, same layout) in order;
+        remember the frames they touched. Apply both kinds in trace order: UNSEEN records carry
+        the stores the tracer's callbacks never saw."""
         if len(rec) == 0:
             return
         addr = np.ascontiguousarray(rec["addr"])

@@ -44,3 +44,12 @@ def test_structure_sizes():
     assert TRAILER.size == 24
     assert INDEX_ENTRY.itemsize == 40
     assert "payload length P" in DOC and "last 24 bytes" in DOC and "entries of 40 bytes" in DOC
+
+
+def test_c_writer_kinds_match():
+    """tracer/trace_writer.h numbers the kinds as this document does (the C side of the format)."""
+    header = (Path(__file__).resolve().parent.parent / "tracer" / "trace_writer.h").read_text()
+    enum = re.search(r"enum tw_kind \{(.*?)\};", header, re.S)
+    assert enum
+    c_kinds = {name: int(num) for name, num in re.findall(r"TW_([A-Z]+) = (\d+)", enum.group(1))}
+    assert c_kinds == {k.name: int(k) for k in Kind}

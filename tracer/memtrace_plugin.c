@@ -169,6 +169,7 @@ static struct {
     uint64_t mb_first, mb_end; /* mailbox frames [first, end), excluded from PAGE records */
     struct wp_tracker wp;
     uint64_t *hashes;     /* last hash written per frame: lo, hi */
+    uint8_t *shadow;      /* writes mode: RAM as the trace's WRITE and UNSEEN records leave it */
     uint8_t *written;     /* bitmap of frames written in the epoch */
     GArray *written_list; /* the same frames as a list (uint64) */
 
@@ -200,7 +201,7 @@ static struct {
 
     /* statistics */
     uint64_t n_epochs, n_page_records, n_pages_hashed, n_map_records, n_walks, n_events;
-    uint64_t n_write_records, n_drains, n_early_drains, n_idle_drains, n_states;
+    uint64_t n_write_records, n_unseen_records, n_drains, n_early_drains, n_idle_drains, n_states;
     uint64_t lost_ring_full, lost_seq_gap;
     uint64_t scan_ns, hash_ns, walk_ns;
     uint64_t zero_lo, zero_hi;
@@ -504,7 +505,45 @@ static void collect_written(void)
     }
 }
 
-/* PAGE records for the collected frames whose content changed. */
+/*
+ * Writes mode: UNSEEN records for the 8-byte words of `frame` that differ from the shadow, which
+ * holds what the WRITE records so far put there. Plugins are not called for stores the CPU makes
+ * outside an instruction's own accesses: the interrupt and exception frames x86 pushes on a
+ * kernel stack (seen in our tests: a timer interrupt in the idle loop), the accessed/dirty bits
+ * QEMU's page walker sets, and device DMA. Without these records a replay of the WRITE stream
+ * drifts from the guest's memory.
+ */
+static void reconcile_frame(uint64_t frame)
+{
+    const uint64_t *ram = (const uint64_t *)(S.ram + (frame << PAGE_SHIFT));
+    uint64_t *shadow = (uint64_t *)(S.shadow + (frame << PAGE_SHIFT));
+    if (memcmp(ram, shadow, PAGE_SIZE) == 0) {
+        return;
+    }
+    for (unsigned i = 0; i < PAGE_SIZE / 8; i++) {
+        uint64_t v = ram[i];
+        if (v != shadow[i]) {
+            shadow[i] = v;
+            tw_unseen(S.tw, (frame << PAGE_SHIFT) + 8 * i, 8, v);
+            S.n_unseen_records++;
+        }
+    }
+}
+
+/* Writes mode: UNSEEN records for the collected frames (they stay collected for their PAGE). */
+static void reconcile_written(void)
+{
+    GArray *l = S.written_list;
+    for (guint i = 0; i < l->len; i++) {
+        uint64_t f = g_array_index(l, uint64_t, i);
+        if (!in_mailbox(f)) {
+            reconcile_frame(f);
+        }
+    }
+}
+
+/* PAGE records for the collected frames whose content changed (UNSEEN before them in writes
+ * mode, so that the epoch's records end with the bytes the PAGE hashes describe). */
 static void emit_changed_pages(void)
 {
     uint64_t t0 = now_ns();
@@ -513,6 +552,9 @@ static void emit_changed_pages(void)
         uint64_t f = g_array_index(l, uint64_t, i);
         if (in_mailbox(f)) {
             continue;
+        }
+        if (S.cfg.writes_mode) {
+            reconcile_frame(f);
         }
         uint64_t lo, hi;
         hash_frame(f, &lo, &hi);
@@ -546,7 +588,11 @@ static void flush_epoch_changes(void)
     clear_written();
 }
 
-/* A PAGE record for every frame (holes in the RAM file are zero pages, not read). */
+/*
+ * A PAGE record for every frame (holes in the RAM file are zero pages, not read). In writes mode
+ * the shadow takes the same contents: data frames are copied, holes are dropped (they read back
+ * as zeros without taking memory).
+ */
 static void emit_all_pages(void)
 {
     uint64_t t0 = now_ns();
@@ -570,6 +616,10 @@ static void emit_all_pages(void)
         uint64_t hole_first = (uint64_t)off >> PAGE_SHIFT;
         uint64_t data_first = (uint64_t)data >> PAGE_SHIFT;
         uint64_t data_end = ((uint64_t)hole + PAGE_SIZE - 1) >> PAGE_SHIFT;
+        if (S.cfg.writes_mode && data_first > hole_first) {
+            madvise(S.shadow + (hole_first << PAGE_SHIFT), (data_first - hole_first) << PAGE_SHIFT,
+                    MADV_DONTNEED);
+        }
         for (uint64_t f = hole_first; f < data_first; f++) {
             if (!in_mailbox(f)) {
                 S.hashes[2 * f] = S.zero_lo;
@@ -582,6 +632,9 @@ static void emit_all_pages(void)
             if (!in_mailbox(f)) {
                 uint64_t lo, hi;
                 hash_frame(f, &lo, &hi);
+                if (S.cfg.writes_mode) {
+                    memcpy(S.shadow + (f << PAGE_SHIFT), S.ram + (f << PAGE_SHIFT), PAGE_SIZE);
+                }
                 S.n_pages_hashed++;
                 S.hashes[2 * f] = lo;
                 S.hashes[2 * f + 1] = hi;
@@ -802,6 +855,11 @@ static void on_agent_event(void *ctx, const struct mb_event *ev)
         }
         if (S.active) {
             ensure_time();
+            if (S.cfg.writes_mode) {
+                /* the bracket reloads the shadow: first the changes so far the stores missed */
+                collect_written();
+                reconcile_written();
+            }
             emit_state(&S.dump, &S.dump_begin, &S.dump_end);
             evbuf_clear(&S.dump);
         } else {
@@ -974,6 +1032,7 @@ static inline void record_store(uint64_t pa, unsigned size)
     }
     if (S.cfg.writes_mode) {
         const uint8_t *src = S.ram + pa;
+        memcpy(S.shadow + pa, src, size);
         while (size) {
             unsigned n = size > 8 ? 8 : size;
             uint64_t v = 0;
@@ -1083,6 +1142,16 @@ static void setup_ram(void)
         fatal("mmap %s: %s", c->ram, strerror(errno));
     }
     S.ram = p;
+    if (c->writes_mode) {
+        /* filled at START from RAM; only the frames with data take memory */
+        p = mmap(NULL, c->ram_size, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) {
+            fatal("mmap of %" PRIu64 " bytes for the writes-mode shadow of RAM: %s", c->ram_size,
+                  strerror(errno));
+        }
+        S.shadow = p;
+    }
     if (c->mailbox_on) {
         p = mmap(NULL, c->mailbox_size, PROT_READ | PROT_WRITE, MAP_SHARED, S.ram_fd,
                  (off_t)c->mailbox_phys);
@@ -1120,7 +1189,8 @@ static void write_stats(const char *path, const struct tw_stats *ts, uint64_t ic
         "\"instructions\": %" PRIu64 ", \"epochs\": %" PRIu64 ", \"epoch_length\": %" PRIu64
         ", \"tracking\": \"%s\", \"mode\": \"%s\", \"started\": %s"
         ", \"page_records\": %" PRIu64 ", \"pages_hashed\": %" PRIu64
-        ", \"write_records\": %" PRIu64 ", \"map_records\": %" PRIu64 ", \"walks\": %" PRIu64
+        ", \"write_records\": %" PRIu64 ", \"unseen_records\": %" PRIu64
+        ", \"map_records\": %" PRIu64 ", \"walks\": %" PRIu64
         ", \"agent_events\": %" PRIu64 ", \"state_brackets\": %" PRIu64
         ", \"mailbox_drains\": %" PRIu64 ", \"early_drains\": %" PRIu64
         ", \"idle_drains\": %" PRIu64
@@ -1131,8 +1201,8 @@ static void write_stats(const char *path, const struct tw_stats *ts, uint64_t ic
         ", \"writer_stall_seconds\": %.6f, \"chunks_dropped\": %" PRIu64 "}\n",
         icount, S.n_epochs, S.cfg.epoch, S.use_pagemap ? "pagemap-scan" : "store-callbacks",
         S.cfg.writes_mode ? "writes" : "pages", S.started_once ? "true" : "false",
-        S.n_page_records, S.n_pages_hashed, S.n_write_records, S.n_map_records, S.n_walks,
-        S.n_events, S.n_states, S.n_drains, S.n_early_drains, S.n_idle_drains, S.lost_ring_full,
+        S.n_page_records, S.n_pages_hashed, S.n_write_records, S.n_unseen_records,
+        S.n_map_records, S.n_walks, S.n_events, S.n_states, S.n_drains, S.n_early_drains, S.n_idle_drains, S.lost_ring_full,
         S.lost_seq_gap,
         S.mb.bad, S.scan_ns / 1e9, S.hash_ns / 1e9, S.walk_ns / 1e9, ts->chunks, ts->records,
         ts->raw_bytes, ts->file_bytes, ts->stalls, ts->stall_ns / 1e9, ts->chunks_dropped);
@@ -1184,9 +1254,11 @@ static void plugin_exit(qemu_plugin_id_t id, void *udata)
     }
     if (!quiet) {
         warn("%" PRIu64 " instructions, %" PRIu64 " epochs, %" PRIu64 " PAGE, %" PRIu64
-             " WRITE, %" PRIu64 " MAP records, %" PRIu64 " agent events; trace %s: %" PRIu64
-             " bytes (%" PRIu64 " raw), writer waited %" PRIu64 " times",
-             icount, S.n_epochs, S.n_page_records, S.n_write_records, S.n_map_records,
+             " WRITE, %" PRIu64 " UNSEEN, %" PRIu64 " MAP records, %" PRIu64
+             " agent events; trace %s: %" PRIu64 " bytes (%" PRIu64 " raw), writer waited %"
+             PRIu64 " times",
+             icount, S.n_epochs, S.n_page_records, S.n_write_records, S.n_unseen_records,
+             S.n_map_records,
              S.n_events, S.cfg.out, ts.file_bytes, ts.raw_bytes, ts.stalls);
     }
     if (S.cfg.stats_path) {

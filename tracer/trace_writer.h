@@ -37,6 +37,7 @@ enum tw_kind {
     TW_MARK = 9,
     TW_LOST = 10,
     TW_COUNTER = 11,
+    TW_UNSEEN = 12,
 };
 
 enum tw_chunk_type { TW_CHUNK_RECORDS = 1, TW_CHUNK_CONTENT = 2, TW_CHUNK_INDEX = 3 };
@@ -129,11 +130,24 @@ static inline void *tw_append(struct tw_writer *w, uint32_t kind, uint32_t size)
  * tw_append() for the record that uses it (an append may start a new chunk). */
 uint32_t tw_string(struct tw_writer *w, const char *s);
 
-static inline void tw_write(struct tw_writer *w, uint64_t paddr, unsigned size, uint64_t value)
+static inline void tw_store(struct tw_writer *w, uint32_t kind, uint64_t paddr, unsigned size,
+                            uint64_t value)
 {
-    struct tw_rec_write *r = (struct tw_rec_write *)tw_append(w, TW_WRITE, sizeof(*r));
+    struct tw_rec_write *r = (struct tw_rec_write *)tw_append(w, kind, sizeof(*r));
     r->addr = paddr | ((uint64_t)size << 56);
     r->value = value;
+}
+
+/* One CPU store (a piece of at most 8 bytes of it). */
+static inline void tw_write(struct tw_writer *w, uint64_t paddr, unsigned size, uint64_t value)
+{
+    tw_store(w, TW_WRITE, paddr, size, value);
+}
+
+/* Bytes that changed with no WRITE record, found at the epoch's end (FORMAT.md, UNSEEN). */
+static inline void tw_unseen(struct tw_writer *w, uint64_t paddr, unsigned size, uint64_t value)
+{
+    tw_store(w, TW_UNSEEN, paddr, size, value);
 }
 
 static inline void tw_page(struct tw_writer *w, uint64_t frame, uint64_t lo, uint64_t hi)

@@ -25,7 +25,7 @@ CHUNK_HEADER_CRC_SPAN = 44  # bytes of the chunk header covered by header_crc
 BLOCK_HEADER = struct.Struct("<HHI")  # kind, record_size, count
 TRAILER = struct.Struct("<8sQII")  # magic, index_offset, crc32(first 16 bytes), pad
 
-ADDR_MASK = (1 << 56) - 1  # WRITE.addr: bits 0-55 physical address, 56-63 size
+ADDR_MASK = (1 << 56) - 1  # WRITE/UNSEEN.addr: bits 0-55 physical address, 56-63 size
 
 
 class ChunkType(IntEnum):
@@ -49,6 +49,7 @@ class Kind(IntEnum):
     MARK = 9
     LOST = 10
     COUNTER = 11
+    UNSEEN = 12
 
 
 class TaskOp(IntEnum):
@@ -114,6 +115,7 @@ DTYPES: dict[Kind, np.dtype] = {
     Kind.MARK: _dt([("op", "<u4"), ("name", "<u4"), ("arg", "<u8")]),
     Kind.LOST: _dt([("source", "<u4"), ("pad", "<u4"), ("count", "<u8")]),
     Kind.COUNTER: _dt([("name", "<u4"), ("pad", "<u4"), ("value", "<u8")]),
+    Kind.UNSEEN: _dt([("addr", "<u8"), ("value", "<u8")]),
 }
 
 RECORD_SIZES: dict[Kind, int] = {k: d.itemsize for k, d in DTYPES.items()}

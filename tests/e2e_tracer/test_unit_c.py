@@ -82,6 +82,7 @@ def _check_contents(path: str) -> None:
     assert (writes["addr"][:20000] == (j * 8) | (np.uint64(8) << np.uint64(56))).all()
     assert (writes["value"][:20000] == j).all()
     assert int(writes["addr"][-1]) == 0x1000 | (3 << 56) and int(writes["value"][-1]) == 0xABCDEF
+    assert allof(Kind.UNSEEN).tolist() == [(0x2008 | (8 << 56), 0x1122334455667788)]
     marks, tasks = [], []
     for c in chunks:
         for r in c.records(Kind.MARK):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from analyses.memimage import MemoryImage
 from traces.format import NO_STRING, ChunkType, Kind, MarkOp
 from traces.reader import Trace, open_trace
 
@@ -102,13 +103,16 @@ def summarize(path: str, *, layout_limit: int = 200) -> Summary:
                 s.page_seen[f] = True
                 if stopped:
                     s.pages_after_stop += len(arr)
-            elif kind == Kind.WRITE:
+            elif kind in (Kind.WRITE, Kind.UNSEEN):
+                name = Kind(kind).name
                 size = (arr["addr"] >> np.uint64(56)).astype(np.int64)
                 if len(size) and (size.min() < 1 or size.max() > 8):
-                    err.append(f"chunk {ch.info.seq}: WRITE size outside 1..8")
+                    err.append(f"chunk {ch.info.seq}: {name} size outside 1..8")
                 pa = arr["addr"] & ADDR_MASK
                 if len(pa) and int(pa.max()) >= tr.ram_size:
-                    err.append(f"chunk {ch.info.seq}: WRITE outside RAM")
+                    err.append(f"chunk {ch.info.seq}: {name} outside RAM")
+                if kind == Kind.UNSEEN and len(arr) and ((size != 8).any() or (pa & 7).any()):
+                    err.append(f"chunk {ch.info.seq}: UNSEEN not 8 aligned bytes")
             elif kind == Kind.MAP:
                 if len(arr) and int(arr["flags"].max()) > 7:
                     err.append(f"chunk {ch.info.seq}: MAP flags beyond bits 0-2")
@@ -167,30 +171,26 @@ def fidelity(s: Summary, ram_hashes: np.ndarray, skip: tuple[int, int]) -> tuple
     return int(keep.sum()), len(bad), bad[:20].tolist()
 
 
-def write_last_values(path: str, ram_path: str) -> tuple[int, int, int, list[int]]:
-    """For every byte that WRITE records touched, compare the last value written with the
-    byte in the final RAM. Returns (records, bytes, mismatching bytes, first mismatches)."""
+def write_last_values(path: str, ram_path: str) -> tuple[dict[str, int], int, int, list[int]]:
+    """For every byte that WRITE or UNSEEN records touched, compare the last value written with
+    the byte in the final RAM. Returns ({kind name: records}, bytes touched, mismatching bytes,
+    first mismatches).
+
+    The records are applied in trace order to two images, one starting as zeros and one as
+    0xff bytes: a byte is touched where the two agree afterwards."""
     tr = open_trace(path)
     ram = np.memmap(ram_path, dtype=np.uint8, mode="r")
-    last = np.zeros(len(ram), np.uint8)
-    mask = np.zeros(len(ram), bool)
-    n = 0
+    frames = len(ram) // 4096
+    zeros, ones = MemoryImage(frames), MemoryImage(frames)
+    ones.mem[:] = 0xFF
+    n = {Kind.WRITE.name: 0, Kind.UNSEEN.name: 0}
     for ch in tr.iter_chunks():
-        w = ch.records(Kind.WRITE)
-        if not len(w):
-            continue
-        n += len(w)
-        size = (w["addr"] >> np.uint64(56)).astype(np.int64)
-        pa = (w["addr"] & ADDR_MASK).astype(np.int64)
-        byte_addr = np.stack([np.where(size > i, pa + i, -1) for i in range(8)], 1).ravel()
-        byte_val = np.stack([((w["value"] >> np.uint64(8 * i)) & np.uint64(0xFF)).astype(np.uint8)
-                             for i in range(8)], 1).ravel()
-        keep = byte_addr >= 0
-        byte_addr = byte_addr[keep][::-1]
-        byte_val = byte_val[keep][::-1]
-        uniq, idx = np.unique(byte_addr, return_index=True)  # first in reversed = last written
-        last[uniq] = byte_val[idx]
-        mask[uniq] = True
+        for kind, arr in ch.blocks:
+            if kind in (Kind.WRITE, Kind.UNSEEN):
+                n[Kind(kind).name] += len(arr)
+                zeros.apply_writes(arr)
+                ones.apply_writes(arr)
     tr.close()
-    bad = np.nonzero(mask & (last != ram))[0]
-    return n, int(mask.sum()), len(bad), bad[:10].tolist()
+    touched = zeros.mem == ones.mem
+    bad = np.flatnonzero(touched & (zeros.mem != ram))
+    return n, int(touched.sum()), len(bad), bad[:10].tolist()

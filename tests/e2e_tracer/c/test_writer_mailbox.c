@@ -176,6 +176,7 @@ static void write_trace(const char *path, int do_close)
     }
     tw_mark(w, TW_MARK_PHASE, "phase-x", 10); /* same string, a later chunk */
     tw_write(w, 0x1000, 3, 0xabcdef);
+    tw_unseen(w, 0x2008, 8, 0x1122334455667788ull);
     if (!do_close) {
         tw_flush(w);
         /* give the writer thread time to write the queued chunks, then leave without index
