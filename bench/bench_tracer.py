@@ -49,7 +49,8 @@ def trace_stats(path: Path) -> dict[str, float]:
     t0 = starts[0] if starts else 0
     instr = max(1, (stops[-1] if stops else tr.t_end) - t0)  # the traced region
     return {"bytes": os.path.getsize(path), "instructions": instr,
-            "writes": counts.get(Kind.WRITE, 0), "pages": counts.get(Kind.PAGE, 0),
+            "writes": counts.get(Kind.WRITE, 0), "unseen": counts.get(Kind.UNSEEN, 0),
+            "pages": counts.get(Kind.PAGE, 0),
             "tracking": tr.header.get("tracking", "?")}
 
 
@@ -73,7 +74,8 @@ def main() -> None:
                     f"trace {s['bytes'] / 1e6:.1f} MB = {s['bytes'] / 1e6 / gi:.1f} MB per G "
                     f"instructions ({gi:.2f} G traced, tracking {s['tracking']})")
             if mode == "writes":
-                line += f"; {s['writes']:,} stores = {s['writes'] / wall / 1e6:.1f} M stores/s"
+                line += (f"; {s['writes']:,} stores = {s['writes'] / wall / 1e6:.1f} M stores/s, "
+                         f"{s['unseen']:,} UNSEEN words")
             else:
                 line += f"; {s['pages']:,} page updates"
             print(line)
