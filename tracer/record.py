@@ -3,7 +3,7 @@
 Guest RAM lives in a shared file under /dev/shm (the plugin maps it too; always removed at the
 end), QEMU is driven over QMP (qemu.qmp), the trace starts and stops on the guest agent's markers
 so it holds the workload, not the boot. ``--verify`` replays the finished trace and compares every
-frame with the real RAM file.
+frame with the real RAM file (and, in writes mode, every byte the raw write records touched).
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "and marked incomplete")
     ap.add_argument("--verify", action="store_true",
                     help="after the run, compare every frame of guest RAM, as it was when "
-                         "tracing stopped, with the trace's final state")
+                         "tracing stopped, with the trace's final state (with --mode writes, "
+                         "also every byte the WRITE and UNSEEN records touched)")
     ap.add_argument("--no-plugin", action="store_true",
                     help="run the scenario under plain TCG without tracing and without the "
                          "guest agent (the baseline for benchmarks)")
@@ -253,7 +254,7 @@ class Recorder:
             print(f"trace-record: warning: the scenario exited with rc={m.group(1)}",
                   file=sys.stderr)
         if a.verify and not a.no_plugin:
-            from tracer.verify import verify
+            from tracer.verify import verify, verify_writes
 
             image = run.stop_image_path if run.stop_image_path.exists() else run.ram_path
             res = verify(out, image, (MAILBOX_PHYS, MAILBOX_SIZE),
@@ -261,6 +262,11 @@ class Recorder:
             print(res.summary(), file=sys.stderr)
             if not res.ok:
                 return 3
+            if a.mode == "writes":
+                wres = verify_writes(out, image, (MAILBOX_PHYS, MAILBOX_SIZE))
+                print(wres.summary(), file=sys.stderr)
+                if not wres.ok:
+                    return 3
         return 0 if not self.stop_reason else 4
 
 

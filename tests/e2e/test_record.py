@@ -100,6 +100,26 @@ def test_trace_has_tasks_vmas_and_mappings(single_trace):
     assert any(e and "python3" in e for e in execs), execs
 
 
+def test_writes_mode_verifies_byte_by_byte(tmp_path):
+    """--mode writes --verify: frames by their PAGE records, and every byte the WRITE and UNSEEN
+    records touched, against guest RAM when tracing stopped."""
+    out = tmp_path / "writes.mtr"
+    p = record("--scenario", "single", "-n", "1", "--mode", "writes", "--verify", "-o", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "0 differ," in p.stderr, p.stderr[-2000:]
+    line = [x for x in p.stderr.splitlines() if "records touched" in x]
+    assert line and line[0].endswith(" 0 of them differ from guest RAM"), p.stderr[-2000:]
+    print(line[0])
+    counts = {}
+    with open_trace(out) as tr:
+        assert tr.header["mode"] == "writes"
+        for ch in tr.iter_chunks():
+            for kind, rec in ch.blocks:
+                counts[kind] = counts.get(kind, 0) + len(rec)
+    assert counts.get(Kind.WRITE, 0) > 10_000_000 and counts.get(Kind.UNSEEN, 0) > 0
+    assert not shm_files(p.pid), "guest RAM file left in /dev/shm"
+
+
 def test_timeout_keeps_partial_trace(tmp_path):
     """A guest that never powers off (a shell waiting on the console after the scenario)."""
     out = tmp_path / "hung.mtr"

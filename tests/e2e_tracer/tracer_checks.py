@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from analyses.memimage import MemoryImage
 from traces.format import NO_STRING, ChunkType, Kind, MarkOp
 from traces.reader import Trace, open_trace
 
@@ -169,28 +168,3 @@ def fidelity(s: Summary, ram_hashes: np.ndarray, skip: tuple[int, int]) -> tuple
     ok = s.page_seen & (s.page_lo == ram_hashes[:, 0]) & (s.page_hi == ram_hashes[:, 1])
     bad = np.nonzero(keep & ~ok)[0]
     return int(keep.sum()), len(bad), bad[:20].tolist()
-
-
-def write_last_values(path: str, ram_path: str) -> tuple[dict[str, int], int, int, list[int]]:
-    """For every byte that WRITE or UNSEEN records touched, compare the last value written with
-    the byte in the final RAM. Returns ({kind name: records}, bytes touched, mismatching bytes,
-    first mismatches).
-
-    The records are applied in trace order to two images, one starting as zeros and one as
-    0xff bytes: a byte is touched where the two agree afterwards."""
-    tr = open_trace(path)
-    ram = np.memmap(ram_path, dtype=np.uint8, mode="r")
-    frames = len(ram) // 4096
-    zeros, ones = MemoryImage(frames), MemoryImage(frames)
-    ones.mem[:] = 0xFF
-    n = {Kind.WRITE.name: 0, Kind.UNSEEN.name: 0}
-    for ch in tr.iter_chunks():
-        for kind, arr in ch.blocks:
-            if kind in (Kind.WRITE, Kind.UNSEEN):
-                n[Kind(kind).name] += len(arr)
-                zeros.apply_writes(arr)
-                ones.apply_writes(arr)
-    tr.close()
-    touched = zeros.mem == ones.mem
-    bad = np.flatnonzero(touched & (zeros.mem != ram))
-    return n, int(touched.sum()), len(bad), bad[:10].tolist()
