@@ -21,7 +21,9 @@
  *   xxh3_128 from the plugin's read-only mapping of the RAM file, and a PAGE record is written
  *   for each frame whose hash changed.
  * - writes mode: additionally a per-store callback writes a WRITE record per store with the
- *   value read back from the RAM file (QEMU performs the store before calling the callback).
+ *   value read back from the RAM file (QEMU performs the store before calling the callback),
+ *   and at each epoch end an UNSEEN record per 8-byte word that changed without a callback
+ *   (found by comparing the written frames with a shadow of RAM; see reconcile_frame()).
  * - The guest agent's mailbox (mailbox.h) is drained at every epoch end, and in between as soon
  *   as it is half full or the vCPU goes idle; its events become TASK/VMA/PAGECACHE/MARK/COUNTER/
  *   LOST records. Records from a drain between epoch ends get a TIME record of their own (the
