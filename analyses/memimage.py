@@ -1,7 +1,7 @@
 """A guest memory image rebuilt from raw WRITE and UNSEEN records (writes-mode traces).
 
 Used to derive page contents from stores alone and to check a writes-mode trace's PAGE records
-against its WRITE records. Writes are applied in trace order by one compiled loop.
+against its WRITE and UNSEEN records. Writes are applied in trace order by one compiled loop.
 """
 
 from __future__ import annotations

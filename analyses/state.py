@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -70,6 +70,11 @@ class Vma:
     def anonymous(self) -> bool:
         """Not backed by a file (its path may still be a kernel name such as [heap])."""
         return self.ino == 0
+
+    def part(self, lo: int, hi: int) -> Vma:
+        """The piece [lo, hi) of this VMA (a file offset moves with its start)."""
+        off = self.pgoff + ((lo - self.start) >> 12 if self.ino else 0)
+        return Vma(lo, hi, self.vm_flags, off, self.ino, self.dev, self.path, self.heap)
 
 
 @dataclass(eq=False)
@@ -539,7 +544,7 @@ class ReplayState:
             _cut(sp, start, end)
         elif op == VmaOp.PROTECT:
             for v in _cut(sp, start, end):
-                sp.put_vma(Vma(v.start, v.end, vm_flags, v.pgoff, v.ino, v.dev, v.path, v.heap))
+                sp.put_vma(replace(v, vm_flags=vm_flags))
         elif op == VmaOp.BRK:
             heap = next((v for v in sp.vmas.values() if v.heap), None)
             if heap is not None:
@@ -572,11 +577,8 @@ def _cut(sp: AddressSpace, start: int, end: int) -> list[Vma]:
     for v in sp.overlapping(start, end):
         sp.drop_vma(v.start)
         if v.start < start:
-            sp.put_vma(Vma(v.start, start, v.vm_flags, v.pgoff, v.ino, v.dev, v.path, v.heap))
+            sp.put_vma(v.part(v.start, start))
         if v.end > end:
-            off = v.pgoff + ((end - v.start) >> 12 if v.ino else 0)
-            sp.put_vma(Vma(end, v.end, v.vm_flags, off, v.ino, v.dev, v.path, v.heap))
-        lo, hi = max(v.start, start), min(v.end, end)
-        off = v.pgoff + ((lo - v.start) >> 12 if v.ino else 0)
-        removed.append(Vma(lo, hi, v.vm_flags, off, v.ino, v.dev, v.path, v.heap))
+            sp.put_vma(v.part(end, v.end))
+        removed.append(v.part(max(v.start, start), min(v.end, end)))
     return removed

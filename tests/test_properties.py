@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from analyses.checkpoints import add_checkpoints
 from analyses.engine import Replay, state_digest
-from analyses.sharing import full_figures
+from analyses.sharing import FrameCensus, full_figures
+from analyses.state import ReplayState
 from tests.helpers import Builder, replay
-from traces.format import PageCacheOp, TaskOp
+from traces.format import PageCacheOp, TaskOp, VmaOp
 from traces.reader import open_trace
 
 FRAMES = 24
@@ -115,9 +117,6 @@ vma_op = st.tuples(st.sampled_from(["map", "unmap", "protect"]), st.integers(0, 
 def test_vma_events_match_a_page_by_page_reference(ops):
     """MAP, UNMAP and PROTECT over a few pages give the same VMAs, page by page (flags, file
     and file offset), as a reference that keeps one entry per page."""
-    from analyses.state import ReplayState
-    from traces.format import VmaOp
-
     state = ReplayState(4)
     ref: dict[int, tuple[int, int, int]] = {}
     for kind, first, npages, flags, named in ops:
@@ -148,8 +147,6 @@ def test_vma_events_match_a_page_by_page_reference(ops):
 
 def census_reference(content, proc_count, named, zero_cid):
     """The Table 5.2 census by whole-array numpy operations, for comparison."""
-    import numpy as np
-
     mapped = proc_count > 0
     c, nm = content[mapped], named[mapped]
     known = c >= 0
@@ -175,10 +172,6 @@ def census_reference(content, proc_count, named, zero_cid):
                          min_size=1, max_size=40), min_size=1, max_size=4))
 def test_frame_census_matches_a_numpy_reference(states):
     """One census, reused over several states (its scratch rows must come back clean)."""
-    import numpy as np
-
-    from analyses.sharing import FrameCensus
-
     census = FrameCensus()
     for frames in states:
         state = SimpleNamespace(content=np.array([f[0] for f in frames], dtype=np.int64),
