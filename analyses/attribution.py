@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import copy
 import fnmatch
+import json
 import os
 import string
 import struct
@@ -289,6 +290,25 @@ class GuestFiles:
         self._lookup: dict[tuple[str, int, bool], tuple[str, str] | None] = {}
         self._page_hash: dict[tuple[Path, int], tuple[int, int] | None] = {}
         self._index: dict[int, tuple[str, int]] | None = None
+        self.image = ImageFiles.beside(self.root) if self.root else None
+        self.traced: dict[str, Any] | None = None  # the trace's guest_image manifest
+        self._unlike: dict[Path, str | None] = {}
+
+    def traced_with(self, guest_image: dict[str, Any] | None) -> None:
+        """The manifest of the image the trace was recorded with (its header's guest_image):
+        host pages are then compared only for files the two images are known to share."""
+        self.traced = guest_image
+        self._unlike.clear()
+
+    def unlike_traced(self, host: Path) -> str | None:
+        """Why the host file cannot be taken for the traced one (None: it can, or nothing
+        says otherwise). Only a root made by build_image.py says which packages made a file."""
+        if self.image is None or not self.traced or self.root is None:
+            return None
+        if host not in self._unlike:
+            guest = "/" + host.relative_to(self.root).as_posix()
+            self._unlike[host] = self.image.unlike(guest, self.traced)
+        return self._unlike[host]
 
     def map_path(self, path: str) -> str:
         comps = path.split("/")
@@ -393,6 +413,48 @@ class GuestFiles:
                     if lo != zero_lo:
                         index.setdefault(lo, (guest, i // 4096))
         return index
+
+
+class ImageFiles:
+    """A root made by guest-agent/build_image.py: its manifest and, for every file, the
+    packages it was made from (``rootfs-files.json``), so a trace recorded with another build
+    is compared only on files of packages whose versions the two share."""
+
+    def __init__(self, manifest: dict[str, Any], files: dict[str, dict[str, Any]]) -> None:
+        self.manifest = manifest
+        self.files = files
+
+    @classmethod
+    def beside(cls, root: Path) -> ImageFiles | None:
+        mf = root.parent / "manifest.json"
+        try:
+            manifest = json.loads(mf.read_text())
+            info = manifest.get("rootfs") or {}
+            if info.get("path") != root.name:
+                return None
+            files = json.loads((root.parent / info["files"]).read_text())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return cls(manifest, files)
+
+    def unlike(self, guest: str, traced: dict[str, Any]) -> str | None:
+        """None if ``guest`` is made from the same inputs in both images, else why not."""
+        rec = self.files.get(guest)
+        if rec is None:
+            return "not a file of the image"
+        mine = self.manifest.get("packages", {})
+        theirs = traced.get("packages", {})
+        for pkg in rec["packages"]:
+            if pkg == "memtrace":
+                if traced.get("input_digest") == self.manifest.get("input_digest"):
+                    continue
+                mod = (traced.get("files", {}).get("module", {}).get("sha256"))
+                if guest.endswith("/memtrace_agent.ko") and mod == rec["sha256"]:
+                    continue
+                return "the project's own files (init, scenarios, agent) of another build"
+            if mine.get(pkg) != theirs.get(pkg):
+                return f"{pkg} {theirs.get(pkg, '(absent)')} traced, {mine.get(pkg)} here"
+        return None
 
 
 def parse_path_map(rule: str) -> tuple[list[str], str]:
@@ -518,6 +580,8 @@ class Attribution:
     shared_contents: int = 0
     host_checked: int = 0
     host_differ: int = 0
+    #: mapped file pages not compared with the host, by why the host file is another one
+    host_left_out: dict[str, int] = field(default_factory=dict)
     vma_from_parent: int = 0
 
     @property
@@ -762,6 +826,11 @@ class Attributor:
             if h == H_MAPPED and path is not None and g.root is not None and c >= 0 \
                     and fr not in checked:
                 checked.add(fr)
+                host_file = g.host_path(path)
+                why = g.unlike_traced(host_file) if host_file is not None else None
+                if why is not None:
+                    att.host_left_out[why] = att.host_left_out.get(why, 0) + 1
+                    continue
                 host = g.host_page_hash(path, off, ps)
                 if host is not None:
                     att.host_checked += 1
@@ -955,6 +1024,7 @@ class AttributionAnalysis(Analysis):
         tr = replay.trace
         self.interval = self.interval or default_interval(tr)
         self.origin = tr.t_begin
+        self.attributor.guest.traced_with(tr.header.get("guest_image"))
 
     def on_records(self, st: ReplayState, kind: int, records: np.ndarray, chunk: Any) -> None:
         if kind == Kind.VMA:
@@ -1053,6 +1123,17 @@ class AttributionAnalysis(Analysis):
             r.summary["elf_files"] = g.elf_files
             r.summary["host_pages_checked"] = att.host_checked
             r.summary["host_pages_differ"] = att.host_differ
+            left = sum(att.host_left_out.values())
+            r.summary["host_pages_left_out"] = left
+            r.units["host_pages_left_out"] = ("mapped file pages not compared: the root's "
+                                              "manifest says the file differs from the traced")
+            if left:
+                r.summary["host_left_out_why"] = dict(sorted(att.host_left_out.items()))
+                r.notes.append(
+                    f"compared {att.host_checked} mapped file pages with the host copies under "
+                    f"--guest-root; left out {left} whose files the root's manifest says differ "
+                    "from the traced image's: " + "; ".join(
+                        f"{why} ({n} pages)" for why, n in sorted(att.host_left_out.items())))
             if att.host_differ:
                 r.notes.append(
                     f"{att.host_differ} of {att.host_checked} mapped file pages differ from the "

@@ -465,20 +465,66 @@ def test_sample_trace_attribution():
     assert res["r"].tables["top"].rows[0][4].startswith("zero")
 
 
-def test_sample_trace_sections_with_guest_root():
+def sample_guest_root() -> tuple[GuestFiles, dict[str, Any], dict[str, Any]]:
+    """The guest root built from the committed lock, with the sample's path map; the sample's
+    and the root's manifests."""
     from tracer.record import guest_image
 
-    guest_image()  # builds the guest image (cached) if this machine has none yet
+    guest_image()  # builds the guest image from the lock (cached) if this machine has none yet
     assert (GUEST_ROOT / "usr" / "bin" / "python3.11").is_file()
-    g = GuestFiles(GUEST_ROOT, ["/zi/*/lib=/usr/lib", "/zi/*/bin=/usr/bin"])
+    with open_trace(SAMPLE) as t:
+        traced = t.header["guest_image"]
+    built = json.loads((GUEST_ROOT.parent / "manifest.json").read_text())
+    return GuestFiles(GUEST_ROOT, ["/zi/*/lib=/usr/lib", "/zi/*/bin=/usr/bin"]), traced, built
+
+
+def test_sample_trace_sections_with_guest_root(say):
+    """The sample against today's build: every mapped file page of a file whose packages have
+    the sample's versions is the same on the host; files of packages re-locked since are left
+    out, each with its reason, and nothing else is."""
+    g, traced, built = sample_guest_root()
     res = analyze(SAMPLE, views=("section", "kind"), guest=g)
     s = res["r"].summary
+    changed = {p for p, v in built["packages"].items() if traced["packages"].get(p) != v}
+    left = s.get("host_left_out_why", {})
+    say(f"sample vs guest root from the lock: compared {s['host_pages_checked']} mapped file "
+        f"pages ({s['host_pages_differ']} differ), left out {s['host_pages_left_out']}: "
+        f"{left or 'none'}; packages re-locked since the sample: {sorted(changed) or 'none'}")
     assert s["elf_files"] > 10 and s["host_pages_checked"] > 1000
     assert s["host_pages_differ"] == 0
+    # only files of re-locked packages are left out, and they are named
+    for why in left:
+        assert why.split(" ", 1)[0] in changed, why
+    assert s["host_pages_left_out"] == sum(left.values())
     secs = [k for k in table(res, "by_section") if not k.startswith("(")]
     assert secs[0] == ".text" and ".rodata" in secs[:3]
     assert "bss" in table(res, "by_kind")
     check_sums(res)
+
+
+def test_changed_file_of_an_unchanged_package_is_caught(tmp_path):
+    """A file whose package kept the sample's version but whose bytes differ still counts as
+    differing: the manifest only excuses files of packages whose versions changed."""
+    g, traced, built = sample_guest_root()
+    files = json.loads((GUEST_ROOT.parent / "rootfs-files.json").read_text())
+    candidates = ["/usr/bin/python3.11", "/usr/lib/x86_64-linux-gnu/libc.so.6",
+                  "/usr/lib/x86_64-linux-gnu/libm.so.6"]
+    same = [f for f in candidates if all(traced["packages"].get(p) == built["packages"][p]
+                                         for p in files[f]["packages"])]
+    assert same, "every candidate file's package was re-locked since the sample: add one"
+    copy = tmp_path / "image"
+    shutil.copytree(GUEST_ROOT, copy / "rootfs", symlinks=True)
+    for name in ("manifest.json", "rootfs-files.json"):
+        shutil.copy2(GUEST_ROOT.parent / name, copy / name)
+    exe = copy / "rootfs" / same[0].lstrip("/")
+    data = bytearray(exe.read_bytes())
+    for off in range(100, len(data), 4096):
+        data[off] ^= 0xFF
+    exe.write_bytes(data)
+    g = GuestFiles(copy / "rootfs", ["/zi/*/lib=/usr/lib", "/zi/*/bin=/usr/bin"])
+    s = analyze(SAMPLE, views=("section",), guest=g)["r"].summary
+    assert s["host_pages_differ"] > 100
+    assert s["host_pages_differ"] < s["host_pages_checked"]
 
 
 def test_synthetic_data_file_read_into_heaps(tmp_path):

@@ -52,10 +52,14 @@ def guest_image(build: bool = True) -> dict[str, Any]:
             print("trace-record: building the guest image (cached in build/guest)",
                   file=sys.stderr)
         r = subprocess.run([sys.executable, str(ROOT / "guest-agent" / "build_image.py"),
-                            "--out", str(GUEST)], stdout=subprocess.DEVNULL, timeout=3600)
+                            "--out", str(GUEST)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, timeout=3600)
         if r.returncode != 0:
-            raise SetupError("building the guest image failed (see above); rerun "
-                             "python3 guest-agent/build_image.py")
+            sys.stderr.write(r.stderr)
+            said = [ln for ln in r.stderr.splitlines() if ln.startswith("build_image: error:")]
+            raise SetupError("building the guest image failed: " + (
+                said[-1].removeprefix("build_image: error: ") if said else
+                "see above; rerun python3 guest-agent/build_image.py"))
     if not manifest.exists():
         raise SetupError(f"no guest image in {GUEST}: run python3 guest-agent/build_image.py")
     return json.loads(manifest.read_text())
