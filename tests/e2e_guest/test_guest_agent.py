@@ -77,9 +77,21 @@ def selftest(guest_image: Path) -> GuestRun:
     # slots of events exercise tail, wrap and PAD, while the 12,000-event state dump fits even
     # when this Python consumer is starved for a while (with 1 MiB it then overflowed now and
     # then, a drop the agent counts but that left the dump-against-/proc test incomplete)
-    run = boot(guest_image, "selftest", n=2, mailbox_size="2M", phys=0x1F000000, consume=True)
-    _save_log("selftest", run)
-    _record_time("selftest", run)
+    # A drop is the agent's documented policy when the ring is full (counted, and checked by
+    # test_selftest_sequence_and_drops), but it leaves the dump-against-/proc comparison
+    # without its subject: then the run is repeated (seen once in ~20 runs: one event of the
+    # 11,880-event dump dropped while this Python consumer was starved), never the bound widened.
+    for _attempt in range(3):
+        run = boot(guest_image, "selftest", n=2, mailbox_size="2M", phys=0x1F000000,
+                   consume=True)
+        _save_log("selftest", run)
+        _record_time("selftest", run)
+        try:
+            dump = _last_state_dump(run.events)
+        except ValueError:
+            return run  # no dump at all: the tests say what is missing
+        if dump and dump[-1].seq - dump[0].seq + 1 == len(dump):
+            return run
     return run
 
 
