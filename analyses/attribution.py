@@ -69,13 +69,22 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from analyses.base import Analysis, Result, Table, positive_int
-from analyses.content import ZERO_HASH, page_hash
-from analyses.kernels import ContentTable
-from analyses.state import AddressSpace, ReplayState, Task, Vma
-from analyses.timeline import default_interval, samples_in
-from traces.format import Kind
-from traces.reader import Trace, open_trace
+from memtrace.analyses.base import Analysis, Result, Table, positive_int
+from memtrace.analyses.kernels import ContentTable
+from memtrace.analyses.state import AddressSpace, ReplayState, Task, Vma
+from memtrace.analyses.timeline import default_interval, samples_in
+from memtrace.traces.format import (
+    VM_DONTEXPAND,
+    VM_GROWSDOWN,
+    VM_IO,
+    VM_MAYSHARE,
+    VM_PFNMAP,
+    VM_SHARED,
+    VM_WRITE,
+    Kind,
+)
+from memtrace.traces.pagehash import ZERO_HASH, page_hash
+from memtrace.traces.reader import Trace, open_trace
 
 VIEWS = ("task", "file", "section", "kind")
 KINDS = ("file", "shmem", "heap", "stack", "bss", "cow", "anon", "special", "zero", "unknown")
@@ -85,14 +94,6 @@ K_FILE, K_SHMEM, K_HEAP, K_STACK, K_BSS, K_COW, K_ANON, K_SPECIAL, K_ZERO, K_UNK
 HOW = ("mapped", "cow", "bss", "copied")
 H_NONE, H_MAPPED, H_COW, H_BSS, H_COPIED = -1, 0, 1, 2, 3
 
-# The kernel's VM_* bits (include/linux/mm.h, 6.1) that decide a VMA's kind.
-VM_WRITE = 0x2
-VM_SHARED = 0x8
-VM_MAYSHARE = 0x80
-VM_GROWSDOWN = 0x100
-VM_PFNMAP = 0x400
-VM_IO = 0x4000
-VM_DONTEXPAND = 0x40000
 VM_MIXEDMAP = 0x10000000
 SPECIAL_FLAGS = VM_PFNMAP | VM_IO | VM_DONTEXPAND | VM_MIXEDMAP
 SHM_PREFIXES = ("/dev/zero", "/SYSV", "memfd:", "/dev/shm/")
@@ -959,7 +960,7 @@ class AttributionAnalysis(Analysis):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        from analyses.cli import parse_time
+        from memtrace.analyses.cli import parse_time
 
         g = parser.add_argument_group(
             "attribution (--attribution; --by and --top select it too)")

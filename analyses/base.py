@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from analyses.engine import Replay
-    from analyses.state import ReplayState
-    from traces.reader import Chunk
+    from memtrace.analyses.engine import Replay
+    from memtrace.analyses.state import ReplayState
+    from memtrace.traces.reader import Chunk
 
 
 def positive_int(s: str) -> int:

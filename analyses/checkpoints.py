@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from analyses.engine import Replay
-from analyses.state import ReplayState
-from traces.format import (
+from memtrace.analyses.engine import Replay
+from memtrace.analyses.state import ReplayState
+from memtrace.traces.format import (
     CHUNK_FLAG_CHECKPOINT,
     MAP_PRESENT,
     Kind,
@@ -20,8 +20,8 @@ from traces.format import (
     TaskOp,
     VmaOp,
 )
-from traces.reader import TraceError, open_trace
-from traces.writer import BlockBuffer, append_chunks, records
+from memtrace.traces.reader import TraceError, open_trace
+from memtrace.traces.writer import BlockBuffer, append_chunks, records
 
 
 def state_blocks(st: ReplayState) -> BlockBuffer:

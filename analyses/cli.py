@@ -15,11 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from analyses.base import Analysis, Result
-from analyses.engine import Replay
-from analyses.registry import ANALYSES
-from analyses.report import render_csv, render_json, render_text
-from traces.reader import TraceError, open_trace
+from memtrace.analyses.base import Analysis, Result
+from memtrace.analyses.engine import Replay
+from memtrace.analyses.registry import ANALYSES
+from memtrace.analyses.report import render_csv, render_json, render_text
+from memtrace.traces.reader import TraceError, open_trace
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "traces" / "samples"
 DEFAULT_TRACE = SAMPLES_DIR / "default.mtr"
@@ -76,7 +76,7 @@ def run(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     path = a.trace or str(DEFAULT_TRACE)
     if a.add_checkpoints is not None:
-        from analyses.checkpoints import add_checkpoints
+        from memtrace.analyses.checkpoints import add_checkpoints
 
         if a.add_checkpoints < 1:
             return fail("--add-checkpoints needs N >= 1", 2)
@@ -84,7 +84,7 @@ def run(argv: list[str] | None = None) -> int:
         print(f"{path}: added {n} checkpoints")
         return 0
     if a.show_page is not None:
-        from analyses.attribution import PageNotFound, show_page
+        from memtrace.analyses.attribution import PageNotFound, show_page
 
         try:
             sys.stdout.write(show_page(path, a.show_page))
@@ -131,7 +131,7 @@ def run(argv: list[str] | None = None) -> int:
     else:
         sys.stdout.write(out)
     if a.plot:
-        from analyses.plot import PlotError, plot
+        from memtrace.analyses.plot import PlotError, plot
 
         by_name = {r.name: r for r in results}
         try:

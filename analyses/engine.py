@@ -8,10 +8,10 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from analyses.base import Analysis
-from analyses.state import BadRecord, ReplayState
-from traces.format import Kind, MarkOp
-from traces.reader import Chunk, ChunkInfo, Trace, TraceError
+from memtrace.analyses.base import Analysis
+from memtrace.analyses.state import BadRecord, ReplayState
+from memtrace.traces.format import Kind, MarkOp
+from memtrace.traces.reader import Chunk, ChunkInfo, Trace, TraceError
 
 
 class Replay:

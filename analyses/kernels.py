@@ -48,7 +48,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from traces.format import MAP_PRESENT, PageCacheOp
+from memtrace.traces.format import MAP_PRESENT, PageCacheOp
 
 # indices into the counter array
 C_VPAGES = 0          # present virtual pages over all address spaces

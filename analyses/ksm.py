@@ -123,26 +123,28 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from analyses.base import Analysis, Result, Table, positive_int
-from analyses.content import one_of_each
-from analyses.guestclock import GUEST_CLOCK_COUNTER, GUEST_HZ_COUNTER, GuestClock
-from analyses.timeline import default_interval, pages_to_mib, samples_in
-from traces.format import Kind, MarkOp
+from memtrace.analyses.base import Analysis, Result, Table, positive_int
+from memtrace.analyses.content import one_of_each
+from memtrace.analyses.guestclock import GUEST_CLOCK_COUNTER, GUEST_HZ_COUNTER, GuestClock
+from memtrace.analyses.timeline import default_interval, pages_to_mib, samples_in
+from memtrace.traces.format import (
+    VM_DONTEXPAND,
+    VM_HUGETLB,
+    VM_IO,
+    VM_MAYSHARE,
+    VM_MERGEABLE,
+    VM_MIXEDMAP,
+    VM_PFNMAP,
+    VM_SHARED,
+    Kind,
+    MarkOp,
+)
 
 if TYPE_CHECKING:
-    from analyses.engine import Replay
-    from analyses.state import AddressSpace, ReplayState
-    from traces.reader import Chunk
+    from memtrace.analyses.engine import Replay
+    from memtrace.analyses.state import AddressSpace, ReplayState
+    from memtrace.traces.reader import Chunk
 
-# vm_flags bits (include/linux/mm.h)
-VM_SHARED = 0x8
-VM_MAYSHARE = 0x80
-VM_PFNMAP = 0x400
-VM_IO = 0x4000
-VM_DONTEXPAND = 0x40000
-VM_HUGETLB = 0x400000
-VM_MIXEDMAP = 0x10000000
-VM_MERGEABLE = 0x80000000
 #: flags ksm_madvise_merge() / vma_ksm_compatible() refuse
 VM_KSM_INCOMPATIBLE = (VM_SHARED | VM_MAYSHARE | VM_PFNMAP | VM_IO | VM_DONTEXPAND | VM_HUGETLB
                        | VM_MIXEDMAP)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from analyses.content import hash_pages
-from analyses.kernels import PREFETCH_AHEAD, hot, prefetch
-from traces.format import ADDR_MASK
+from memtrace.analyses.kernels import PREFETCH_AHEAD, hot, prefetch
+from memtrace.traces.format import ADDR_MASK
+from memtrace.traces.pagehash import hash_pages
 
 _ADDR_MASK = np.uint64(ADDR_MASK)
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from analyses.base import Analysis, Result, Table
-from analyses.guestclock import GUEST_CLOCK_COUNTER, GuestClock
-from analyses.state import ReplayState
-from analyses.timeline import pages_to_mib
-from traces.format import Kind
+from memtrace.analyses.base import Analysis, Result, Table
+from memtrace.analyses.guestclock import GUEST_CLOCK_COUNTER, GuestClock
+from memtrace.analyses.state import ReplayState
+from memtrace.analyses.timeline import pages_to_mib
+from memtrace.traces.format import Kind
 
 SERIES = ("full_cbps", "mmap_fork", "ksm_hint_all", "no_sharing")
 #: a recorder's estimate of clock units per second of guest time, when the header has none

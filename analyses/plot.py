@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from analyses.base import Result
-from analyses.timeline import pages_to_mib
+from memtrace.analyses.base import Result
+from memtrace.analyses.timeline import pages_to_mib
 
 
 class PlotError(Exception):

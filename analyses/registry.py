@@ -3,12 +3,12 @@ list it here; neither the engine nor the command line changes."""
 
 from __future__ import annotations
 
-from analyses.attribution import AttributionAnalysis
-from analyses.base import Analysis
-from analyses.ksm import KsmAnalysis
-from analyses.oracle import OracleAnalysis
-from analyses.sharing import SharingAnalysis
-from analyses.snapshots import SnapshotVsContinuous
+from memtrace.analyses.attribution import AttributionAnalysis
+from memtrace.analyses.base import Analysis
+from memtrace.analyses.ksm import KsmAnalysis
+from memtrace.analyses.oracle import OracleAnalysis
+from memtrace.analyses.sharing import SharingAnalysis
+from memtrace.analyses.snapshots import SnapshotVsContinuous
 
 ANALYSES: list[type[Analysis]] = [
     SharingAnalysis,

@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from analyses.base import Result, Table
+from memtrace.analyses.base import Result, Table
 
 TEXT_ROWS = 12  # series rows shown in text mode; CSV and JSON carry them all
 

@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from analyses.base import Analysis, Result, Table
-from analyses.kernels import MMID_SHIFT, PREFETCH_AHEAD, hot, prefetch
-from analyses.state import ReplayState
-from analyses.timeline import MIB_PAGES, default_interval, pages_to_mib, samples_in
-from traces.format import Kind, MarkOp
+from memtrace.analyses.base import Analysis, Result, Table
+from memtrace.analyses.kernels import MMID_SHIFT, PREFETCH_AHEAD, hot, prefetch
+from memtrace.analyses.state import ReplayState
+from memtrace.analyses.timeline import MIB_PAGES, default_interval, pages_to_mib, samples_in
+from memtrace.traces.format import Kind, MarkOp
 
 
 def parse_base(s: str) -> int:

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from analyses.base import Analysis, Result, Table
-from analyses.state import ReplayState
-from analyses.timeline import default_interval, samples_in
+from memtrace.analyses.base import Analysis, Result, Table
+from memtrace.analyses.state import ReplayState
+from memtrace.analyses.timeline import default_interval, samples_in
 
 
 class SnapshotVsContinuous(Analysis):

@@ -15,9 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
-from analyses import kernels
-from analyses.content import ZERO_HASH
-from analyses.kernels import (
+from memtrace.analyses import kernels
+from memtrace.analyses.kernels import (
     C_DISTINCT_ALL,
     C_DISTINCT_ANON,
     C_DISTINCT_MAPPED,
@@ -36,7 +35,8 @@ from analyses.kernels import (
     ContentTable,
     Table,
 )
-from traces.format import TaskOp, VmaOp
+from memtrace.traces.format import TaskOp, VmaOp
+from memtrace.traces.pagehash import ZERO_HASH
 
 CLONE_VM = 0x100  # clone flag: the child shares the parent's address space (a thread)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from traces.reader import Trace
+from memtrace.traces.reader import Trace
 
 MIB_PAGES = 256  # 4 KiB pages per MiB
 

@@ -17,20 +17,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from analyses.engine import Replay  # noqa: E402
-from analyses.ksm import VM_MERGEABLE, KsmAnalysis  # noqa: E402
-from traces.format import MAP_PRESENT, VmaOp  # noqa: E402
-from traces.reader import open_trace  # noqa: E402
-from traces.writer import TraceWriter  # noqa: E402
+from memtrace.analyses.engine import Replay  # noqa: E402
+from memtrace.analyses.ksm import VM_MERGEABLE, KsmAnalysis  # noqa: E402
+from memtrace.traces.format import MAP_PRESENT, VmaOp  # noqa: E402
+from memtrace.traces.reader import open_trace  # noqa: E402
+from memtrace.traces.writer import TraceWriter  # noqa: E402
 
 HZ = 1_000_000_000
 EPOCH = 10_000_000  # 10 ms of guest time
@@ -121,7 +117,7 @@ def main() -> None:
         kh = KsmAnalysis(pages_to_scan=a.pages_to_scan, sleep_ms=a.sleep_ms, hints=True)
         both = timed(path, [kh])
         print(f"--ksm with the hinted twin (2 models): {both:7.2f} s  ({both / plain:.2f}x plain)")
-        from analyses.ksm import parse_sweep
+        from memtrace.analyses.ksm import parse_sweep
 
         sweep = parse_sweep(a.sweep)
         ks = KsmAnalysis(pages_to_scan=a.pages_to_scan, sleep_ms=a.sleep_ms, sweep=sweep,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,14 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from analyses.engine import Replay  # noqa: E402
-from analyses.memimage import MemoryImage  # noqa: E402
-from analyses.registry import ANALYSES  # noqa: E402
-from traces.format import DTYPES, MAP_PRESENT, Kind  # noqa: E402
-from traces.reader import open_trace  # noqa: E402
-from traces.writer import TraceWriter  # noqa: E402
+from memtrace.analyses.engine import Replay  # noqa: E402
+from memtrace.analyses.memimage import MemoryImage  # noqa: E402
+from memtrace.analyses.registry import ANALYSES  # noqa: E402
+from memtrace.traces.format import DTYPES, MAP_PRESENT, Kind  # noqa: E402
+from memtrace.traces.reader import open_trace  # noqa: E402
+from memtrace.traces.writer import TraceWriter  # noqa: E402
 
 NFRAMES = 131072  # 512 MiB guest
 

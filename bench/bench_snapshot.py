@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from traces.format import Kind  # noqa: E402
-from traces.reader import open_trace  # noqa: E402
+from memtrace.traces.format import Kind  # noqa: E402
+from memtrace.traces.reader import open_trace  # noqa: E402
 
 CHILD = r"""
 import mmap, sys, threading
@@ -95,7 +94,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             for run in range(a.runs):
                 out = os.path.join(d, f"b{run}.mtr")
-                cmd = [sys.executable, "-m", "tracer.snapshot", "--pid", str(child.pid),
+                cmd = [sys.executable, "-m", "memtrace.snapshot.snapshot", "--pid", str(child.pid),
                        "-o", out, "-q"] + (["--store-contents"] if a.store_contents else [])
                 t = time.perf_counter()
                 r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -18,18 +18,16 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from analyses.engine import Replay  # noqa: E402
-from traces.format import Kind, MarkOp  # noqa: E402
-from traces.reader import open_trace  # noqa: E402
+from memtrace.analyses.engine import Replay  # noqa: E402
+from memtrace.traces.format import Kind, MarkOp  # noqa: E402
+from memtrace.traces.reader import open_trace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(args: list[str]) -> tuple[float, str]:
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "tracer.record", "-q", *args], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "memtrace.tracer.record", "-q", *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=7200)
     dt = time.monotonic() - t0
     if p.returncode != 0:

@@ -300,7 +300,7 @@ def trace_packages(trace: Path) -> dict[str, dict[str, object]]:
     """The package versions in a trace's header (``guest_image.packages``), as a lock without
     sha256: the archive's signed index vouches for the files (apt checks them)."""
     try:
-        from traces.reader import open_trace
+        from memtrace.traces.reader import open_trace
         with open_trace(trace) as t:
             header = t.header
     except Exception as e:  # noqa: BLE001  (any reader error: one line)

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from analyses.content import page_hash
-from analyses.engine import Replay
-from analyses.oracle import OracleAnalysis
-from analyses.sharing import SharingAnalysis, full_figures
-from analyses.snapshots import SnapshotVsContinuous
-from traces.format import MAP_PRESENT
-from traces.reader import open_trace
-from traces.writer import TraceWriter
+from memtrace.analyses.engine import Replay
+from memtrace.analyses.oracle import OracleAnalysis
+from memtrace.analyses.sharing import SharingAnalysis, full_figures
+from memtrace.analyses.snapshots import SnapshotVsContinuous
+from memtrace.traces.format import MAP_PRESENT
+from memtrace.traces.pagehash import page_hash
+from memtrace.traces.reader import open_trace
+from memtrace.traces.writer import TraceWriter
 
 
 def content(token: int) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from tracer.qemu import (
+from memtrace.tracer.qemu import (
     GUEST,
     MAILBOX_PHYS,
     MAILBOX_SIZE,
@@ -35,8 +35,8 @@ from tracer.qemu import (
     qemu_binary,
     qemu_version,
 )
-from traces.reader import TraceError, follow
-from traces.writer import mark_incomplete
+from memtrace.traces.reader import TraceError, follow
+from memtrace.traces.writer import mark_incomplete
 
 SCENARIOS = ("single", "terminal-server", "zero-install", "server-heap", "ksm", "idle")
 DONE = re.compile(rb"MEMTRACE-SCENARIO-DONE rc=(-?\d+)")
@@ -258,7 +258,7 @@ class Recorder:
             print(f"trace-record: warning: the scenario exited with rc={m.group(1)}",
                   file=sys.stderr)
         if a.verify and not a.no_plugin:
-            from tracer.verify import verify, verify_writes
+            from memtrace.tracer.verify import verify, verify_writes
 
             image = run.stop_image_path if run.stop_image_path.exists() else run.ram_path
             res = verify(out, image, (MAILBOX_PHYS, MAILBOX_SIZE),

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from analyses.engine import Replay
-from analyses.memimage import MemoryImage
-from traces.format import Kind
-from traces.reader import open_trace
+from memtrace.analyses.engine import Replay
+from memtrace.analyses.memimage import MemoryImage
+from memtrace.traces.format import Kind
+from memtrace.traces.reader import open_trace
 
 
 @dataclass

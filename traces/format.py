@@ -93,7 +93,20 @@ MAP_PRESENT = 1
 MAP_WRITABLE = 2
 MAP_DIRTY = 4
 
-VM_READ, VM_WRITE, VM_EXEC, VM_SHARED = 0x1, 0x2, 0x4, 0x8
+# VMA.vm_flags: the guest kernel's vm_flags bits (include/linux/mm.h, Linux 6.1), as the
+# agent reports them; trace-snapshot sets the first four from /proc/PID/maps.
+VM_READ = 0x1
+VM_WRITE = 0x2
+VM_EXEC = 0x4
+VM_SHARED = 0x8
+VM_MAYSHARE = 0x80
+VM_GROWSDOWN = 0x100
+VM_PFNMAP = 0x400
+VM_IO = 0x4000
+VM_DONTEXPAND = 0x40000
+VM_HUGETLB = 0x400000
+VM_MIXEDMAP = 0x10000000
+VM_MERGEABLE = 0x80000000
 
 
 def _dt(fields: list[tuple[str, str]]) -> np.dtype:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from traces.format import (
+from memtrace.traces.format import (
     BLOCK_HEADER,
     CHUNK_FLAG_CHECKPOINT,
     CHUNK_HEADER,

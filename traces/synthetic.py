@@ -19,9 +19,9 @@ import random
 import struct
 from pathlib import Path
 
-from analyses.content import page_hash
-from traces.format import MAP_PRESENT, MAP_WRITABLE, MarkOp, PageCacheOp, TaskOp, VmaOp
-from traces.writer import TraceWriter
+from memtrace.traces.format import MAP_PRESENT, MAP_WRITABLE, MarkOp, PageCacheOp, TaskOp, VmaOp
+from memtrace.traces.pagehash import page_hash
+from memtrace.traces.writer import TraceWriter
 
 PAGE = 4096
 LIB_PAGES = 48
@@ -78,11 +78,11 @@ def generate(path: str | Path, instances: int = 3, seed: int = 1, zero_install: 
         "source": "synthetic", "ram_size": nframes * PAGE, "clock_unit": "instructions",
         "clock_hz": 1_000_000_000, "mode": "pages", "tracking": "synthetic",
         "epoch_length": 1_000_000,
-        "generator": {"name": "traces.synthetic", "seed": seed, "instances": instances,
+        "generator": {"name": "memtrace.traces.synthetic", "seed": seed, "instances": instances,
                       "zero_install": zero_install, "epochs": epochs},
         "scenario": {"name": "zero-install" if zero_install else "terminal-server",
                      "n": instances},
-        "command": f"python -m traces.synthetic --instances {instances} --seed {seed}"
+        "command": f"python -m memtrace.traces.synthetic --instances {instances} --seed {seed}"
                    + (" --zero-install" if zero_install else ""),
     }
     with TraceWriter(path, header, chunk_bytes=chunk_bytes) as w:

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import zstandard
 
-from traces.format import (
+from memtrace.traces.format import (
     BLOCK_HEADER,
     CHUNK_FLAG_CHECKPOINT,
     CHUNK_HEADER,
@@ -287,7 +287,7 @@ def append_chunks(path: str | os.PathLike[str],
     Works on cleanly closed traces (the old index is replaced) and on traces cut short (the
     incomplete tail, which no reader can use, is dropped first).
     """
-    from traces.reader import open_trace  # the reader knows where the valid chunks end
+    from memtrace.traces.reader import open_trace  # the reader knows where the valid chunks end
 
     tr = open_trace(path)
     entries = [(c.offset, c.t_first, c.t_last, c.seq, c.type, c.flags) for c in tr.chunks_all]
@@ -307,7 +307,7 @@ def append_chunks(path: str | os.PathLike[str],
 
 def mark_incomplete(path: str | os.PathLike[str], reason: str) -> None:
     """Append a MARK INCOMPLETE record (with the reason) to a trace a recorder had to stop."""
-    from traces.reader import open_trace
+    from memtrace.traces.reader import open_trace
 
     tr = open_trace(path)
     t = tr.t_end

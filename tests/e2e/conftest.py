@@ -1,12 +1,12 @@
+"""Everything under tests/e2e runs real QEMU, a real guest kernel and the real agent:
+marked ``e2e`` (``pytest -m "not e2e"`` runs the unit tests alone)."""
+
 from __future__ import annotations
 
 import pytest
 
 
-@pytest.fixture(scope="session", autouse=True)
-def built_tracer_and_guest():
-    """Build the plugin and the guest image once (both are cached under build/)."""
-    from tracer.record import ensure_plugin, guest_image
-
-    ensure_plugin()
-    guest_image()
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/tests/e2e/" in str(item.path):
+            item.add_marker(pytest.mark.e2e)

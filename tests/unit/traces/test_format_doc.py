@@ -1,0 +1,55 @@
+"""FORMAT.md and the code agree: kinds, record sizes and field names come from one table."""
+
+from __future__ import annotations
+
+import re
+
+from memtrace.traces.format import (
+    CHUNK_HEADER,
+    DTYPES,
+    FILE_HEADER,
+    FORMAT_VERSION,
+    INDEX_ENTRY,
+    TRAILER,
+    Kind,
+)
+from tests.paths import REPO
+
+DOC = (REPO / "traces" / "FORMAT.md").read_text()
+
+
+def test_version_in_title():
+    assert re.search(rf"^# Memory trace format, version {FORMAT_VERSION}$", DOC, re.M)
+
+
+def test_record_table_matches_dtypes():
+    rows = re.findall(r"^\| (\d+) \| ([A-Z]+) \| (\d+) \| (.*) \|$", DOC, re.M)
+    assert len(rows) == len(Kind)
+    for num, name, size, fields in rows:
+        kind = Kind(int(num))
+        assert kind.name == name
+        if kind == Kind.STRINGS:
+            continue
+        dt = DTYPES[kind]
+        assert dt.itemsize == int(size), name
+        documented = re.findall(r"`(\w+) (u\d+)`", fields)
+        assert [f for f, _ in documented] == list(dt.names), name
+        for f, t in documented:
+            assert dt[f].itemsize * 8 == int(t[1:]), (name, f)
+
+
+def test_structure_sizes():
+    assert FILE_HEADER.size == 16
+    assert CHUNK_HEADER.size == 48
+    assert TRAILER.size == 24
+    assert INDEX_ENTRY.itemsize == 40
+    assert "payload length P" in DOC and "last 24 bytes" in DOC and "entries of 40 bytes" in DOC
+
+
+def test_c_writer_kinds_match():
+    """tracer/trace_writer.h numbers the kinds as this document does (the C side of the format)."""
+    header = (REPO / "tracer" / "trace_writer.h").read_text()
+    enum = re.search(r"enum tw_kind \{(.*?)\};", header, re.S)
+    assert enum
+    c_kinds = {name: int(num) for name, num in re.findall(r"TW_([A-Z]+) = (\d+)", enum.group(1))}
+    assert c_kinds == {k.name: int(k) for k in Kind}
