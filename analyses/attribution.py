@@ -72,7 +72,6 @@ import numpy as np
 from memtrace.analyses.base import Analysis, Result, Table, positive_int
 from memtrace.analyses.kernels import ContentTable
 from memtrace.analyses.state import AddressSpace, ReplayState, Task, Vma
-from memtrace.analyses.timeline import default_interval, samples_in
 from memtrace.traces.format import (
     VM_DONTEXPAND,
     VM_GROWSDOWN,
@@ -960,7 +959,7 @@ class AttributionAnalysis(Analysis):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        from memtrace.analyses.cli import parse_time
+        from memtrace.analyses.base import parse_time
 
         g = parser.add_argument_group(
             "attribution (--attribution; --by and --top select it too)")
@@ -1002,7 +1001,7 @@ class AttributionAnalysis(Analysis):
         except ValueError as e:
             _usage_error(f"--guest-path-map: {e}")
         return cls(views or [], top or 0, getattr(args, "attr_at", None),
-                   bool(getattr(args, "attr_average", False)), args.interval, guest)
+                   bool(getattr(args, "attr_average", False)), None, guest)
 
     def __init__(self, views: Sequence[str] = VIEWS, top: int = 0, at: int | None = None,
                  average: bool = False, interval: int | None = None,
@@ -1023,8 +1022,8 @@ class AttributionAnalysis(Analysis):
     def begin(self, replay: Any) -> None:
         super().begin(replay)
         tr = replay.trace
-        self.interval = self.interval or default_interval(tr)
-        self.origin = tr.t_begin
+        self.grid = replay.grid(100, self.interval)
+        self.interval = self.grid.step
         self.attributor.guest.traced_with(tr.header.get("guest_image"))
 
     def on_records(self, st: ReplayState, kind: int, records: np.ndarray, chunk: Any) -> None:
@@ -1032,7 +1031,7 @@ class AttributionAnalysis(Analysis):
             self.attributor.learn_vmas(records, chunk)
 
     def on_interval(self, st: ReplayState, t0: int, t1: int) -> None:
-        samples = list(samples_in(t0, t1, self.origin, self.interval or 1))
+        samples = list(self.grid.instants_in(t0, t1))
         if samples and self.at is None and st.mapped_frames > self.best:
             self.best = st.mapped_frames
             self.snap = freeze(st, samples[0])
@@ -1080,10 +1079,12 @@ class AttributionAnalysis(Analysis):
             views = {k: {g: v / n for g, v in d.items()} for k, d in self.sums.items()}
             tot = views.pop("_totals")
             totals = tot["totals"]
-            r.summary["mode"] = f"average of {n} samples every {self.interval} {unit}"
+            step = self.grid.step
+            r.summary["mode"] = (f"average of {n} samples every {step}"
+                                 + ("" if step.seconds else f" {unit}"))
             r.summary["samples"] = n
-            r.summary["interval"] = self.interval
-            r.units["interval"] = unit
+            r.summary["interval"] = step.value if step.seconds else int(step.value)
+            r.units["interval"] = "s" if step.seconds else unit
             r.summary["mapped_frames"] = _r(tot["mapped"])
             r.summary["shared_contents"] = _r(tot["shared_contents"])
         else:

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from memtrace.analyses.base import Analysis, Result
+from memtrace.analyses.base import Analysis, Interval, Result, UsageError
 from memtrace.analyses.engine import Replay
 from memtrace.analyses.registry import ANALYSES
 from memtrace.analyses.report import render_csv, render_json, render_text
@@ -23,17 +23,6 @@ from memtrace.traces.reader import TraceError, open_trace
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "traces" / "samples"
 DEFAULT_TRACE = SAMPLES_DIR / "default.mtr"
-
-
-def parse_time(s: str) -> int:
-    """An integer with an optional k/M/G suffix (clock units)."""
-    mult = {"k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9}
-    try:
-        if s and s[-1] in mult:
-            return int(float(s[:-1]) * mult[s[-1]])
-        return int(float(s))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a time: {s!r} (e.g. 10M, 2G, 5000)") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,14 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("analyses (default: " + ", ".join(
         c.flag for c in ANALYSES if c.default) + ")")
     for cls in ANALYSES:
-        g.add_argument(cls.flag, action="store_true", dest=f"run_{cls.name}", help=cls.help)
-    ap.add_argument("--interval", type=parse_time, default=None, metavar="T",
-                    help="sampling interval in clock units (suffix k/M/G; default: 1/100 of "
-                         "the trace for --sharing, 1/20 for --snapshot-vs-continuous)")
+        g.add_argument(cls.flag, action="store_true", dest=cls.flag_dest(), help=cls.help)
+    ap.add_argument("--interval", type=Interval.parse, default=None, metavar="T",
+                    help="sampling interval: clock units (suffix k/M/G, e.g. 10M) or seconds "
+                         "(e.g. 2.5s); default: 1/100 of the trace for --sharing, 1/20 for "
+                         "--snapshot-vs-continuous")
     ap.add_argument("--format", choices=("text", "csv", "json"), default="text")
     ap.add_argument("--table", metavar="NAME",
                     help="with --format csv: print only this table, e.g. sharing.series")
-    ap.add_argument("--plot", metavar="FILE.png", help="draw sharing over time to a PNG")
+    ap.add_argument("--plot", metavar="FILE.png",
+                    help="draw the analyses' pictures to a PNG (one panel each)")
     ap.add_argument("-o", "--output", metavar="FILE", help="write the report here, not stdout")
     ap.add_argument("--salvage", action="store_true",
                     help="analyze a trace with a corrupt chunk up to that chunk")
@@ -91,18 +82,24 @@ def run(argv: list[str] | None = None) -> int:
         except PageNotFound as e:
             return fail(str(e))
         return 0
-    classes = [c for c in ANALYSES if getattr(a, f"run_{c.name}")] or \
-        [c for c in ANALYSES if c.default]
-    analyses: list[Analysis] = [c.from_args(a) for c in classes]
+    classes = [c for c in ANALYSES if c.selected(a)] or [c for c in ANALYSES if c.default]
     if a.table and a.format != "csv":
         return fail("--table needs --format csv", 2)
+    try:
+        analyses: list[Analysis] = [c.from_args(a) for c in classes]
+        if a.plot:
+            from memtrace.analyses.plot import check_matplotlib
 
-    trace = open_trace(path)
-    for w in trace.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    seen = len(trace.warnings)
-    replay = Replay(trace, analyses, salvage=a.salvage, progress=None if not a.quiet else False)
-    replay.run()
+            check_matplotlib()
+        trace = open_trace(path)
+        for w in trace.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        seen = len(trace.warnings)
+        replay = Replay(trace, analyses, salvage=a.salvage,
+                        progress=None if not a.quiet else False, interval=a.interval)
+        replay.run()
+    except UsageError as e:
+        return fail(str(e), 2)
     for w in trace.warnings[seen:]:
         print(f"warning: {w}", file=sys.stderr)
     st = replay.state
@@ -131,12 +128,11 @@ def run(argv: list[str] | None = None) -> int:
     else:
         sys.stdout.write(out)
     if a.plot:
-        from memtrace.analyses.plot import PlotError, plot
+        from memtrace.analyses.plot import PlotError, draw
 
-        by_name = {r.name: r for r in results}
         try:
-            plot(a.plot, by_name.get("sharing"), by_name.get("oracle"), trace.clock_unit,
-                 f"{Path(path).name}: sharing over time")
+            draw(a.plot, [(x, x.plots(r)) for x, r in zip(analyses, results, strict=True)],
+                 replay.context, f"{Path(path).name}")
         except PlotError as e:
             return fail(str(e))
         print(f"plot written to {a.plot}", file=sys.stderr)

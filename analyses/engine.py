@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from memtrace.analyses.base import Analysis
+from memtrace.analyses.base import Analysis, Context, Interval
 from memtrace.analyses.state import BadRecord, ReplayState
 from memtrace.traces.format import Kind, MarkOp
 from memtrace.traces.reader import Chunk, ChunkInfo, Trace, TraceError
@@ -18,7 +18,7 @@ class Replay:
     """Replays ``trace`` into a ``ReplayState`` and drives ``analyses`` over it."""
 
     def __init__(self, trace: Trace, analyses: Sequence[Analysis] = (), salvage: bool = False,
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, interval: Interval | None = None) -> None:
         self.trace = trace
         self.analyses = list(analyses)
         self.salvage = salvage
@@ -27,19 +27,23 @@ class Replay:
         self.state = ReplayState(nframes, trace.page_size)
         self.t_start: int | None = None
         self.interrupted = False
+        self.context = Context(trace, self.state, interval)
         for a in self.analyses:
             if a.wants_content_deltas:
                 self.state.listeners.append(a.on_content)
-            a.begin(self)
+            a.begin(self.context)
 
     # -- time -----------------------------------------------------------------------------------
     def _advance(self, t: int) -> None:
+        """Time moves to ``t``: the instant before it is complete (its net content changes go
+        to the listeners), and the state it left held on [old t, t)."""
         st = self.state
         if self.t_start is None:
             self.t_start = t
             st.t = t
             return
         if t > st.t:
+            st.end_instant()
             for a in self.analyses:
                 a.on_interval(st, st.t, t)
             st.t = t
@@ -134,6 +138,7 @@ class Replay:
             bar.close()
 
     def finish(self) -> ReplayState:
+        self.state.end_instant()
         for a in self.analyses:
             a.end(self.state)
         return self.state
@@ -150,6 +155,7 @@ class Replay:
             self.apply_chunk(self.trace.read_chunk(cp))
             start_seq = cp.seq + 1
         self._replay([c for c in self.trace.chunks if c.seq >= start_seq], t)
+        self.state.end_instant()
         return self.state
 
 

@@ -126,7 +126,7 @@ import numpy as np
 from memtrace.analyses.base import Analysis, Result, Table, positive_int
 from memtrace.analyses.content import one_of_each
 from memtrace.analyses.guestclock import GUEST_CLOCK_COUNTER, GUEST_HZ_COUNTER, GuestClock
-from memtrace.analyses.timeline import default_interval, pages_to_mib, samples_in
+from memtrace.analyses.timeline import pages_to_mib
 from memtrace.traces.format import (
     VM_DONTEXPAND,
     VM_HUGETLB,
@@ -2008,7 +2008,7 @@ class KsmAnalysis(Analysis):
                    clock_hz=args.ksm_clock_hz, start=args.ksm_start,
                    guest_clock=not getattr(args, "ksm_no_guest_clock", False),
                    tick_hz=getattr(args, "ksm_hz", None),
-                   interval=getattr(args, "interval", None), every_scan=args.ksm_every_scan,
+                   every_scan=args.ksm_every_scan,
                    plot=plot)
 
     def __init__(self, pages_to_scan: int = 100, sleep_ms: float = 20.0,
@@ -2133,8 +2133,8 @@ class KsmAnalysis(Analysis):
         self.hz, self.hz_source = self._clock(replay)
         tr = replay.trace
         self.page_size = tr.page_size
-        self.interval = self.interval or default_interval(tr)
-        self.origin = tr.t_begin  # samples on the same grid as --sharing
+        self.grid = replay.grid(100, self.interval)  # samples on the same grid as --sharing
+        self.interval = self.grid.step.value
         self.space.all_dirty = True
 
     def _make_models(self, t0: float, st: ReplayState) -> None:
@@ -2174,7 +2174,7 @@ class KsmAnalysis(Analysis):
         if self.t_first is None:
             self._make_models(float(t0), st)
         self._sync(st, float(t0))
-        for s in samples_in(t0, t1, self.origin, self.interval or 1):
+        for s in self.grid.instants_in(t0, t1):
             for m in self.models:
                 m.run_to(m.k_after(s))
             self._sample(st, s)

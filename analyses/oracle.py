@@ -5,10 +5,10 @@ records - every epoch of a recorded trace, every sample of a snapshot trace - fr
 incremental counters, not only at sample times. Savings are integrated over time against what Linux
 already shares (mmap/fork) and against an ideal KSM (KSM hint all, eq. 4.6).
 
-Time. Means and savings are weighted by guest seconds when the trace carries the guest's own
-clock (COUNTER ``guest.clock_ns``, see ``analyses.guestclock``), since retired instructions run
-an order of magnitude slower while the guest idles than while it computes; otherwise by the
-trace's clock, converted to seconds with ``tracer.clock_hz``.
+Time. Means and savings are weighted by the trace's time base (``memtrace.traces.timebase``):
+guest seconds when the trace carries the guest's own clock, since retired instructions run an
+order of magnitude slower while the guest idles than while it computes; otherwise the trace's
+clock (and page*s through ``tracer.clock_hz`` when the recorder gave it).
 """
 
 from __future__ import annotations
@@ -17,15 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from memtrace.analyses.base import Analysis, Result, Table
-from memtrace.analyses.guestclock import GUEST_CLOCK_COUNTER, GuestClock
+from memtrace.analyses.base import Analysis, Plot, Result, Table
+from memtrace.analyses.plot import steps
 from memtrace.analyses.state import ReplayState
 from memtrace.analyses.timeline import pages_to_mib
-from memtrace.traces.format import Kind
 
 SERIES = ("full_cbps", "mmap_fork", "ksm_hint_all", "no_sharing")
-#: a recorder's estimate of clock units per second of guest time, when the header has none
-CLOCK_COUNTER = "tracer.clock_hz"
 
 
 class OracleAnalysis(Analysis):
@@ -39,19 +36,6 @@ class OracleAnalysis(Analysis):
         # change points: [t_start, t_end, oracle, mmap_fork, ksm_hint_all, no_sharing]
         self.points: list[list[int]] = []
         self.final: dict[str, int] = {}
-        self.clock_hz: int | None = None
-        self.clock_t: list[int] = []   # trace times of the guest.clock_ns counters
-        self.clock_ns: list[int] = []
-
-    def on_records(self, st: ReplayState, kind: int, records: Any, chunk: Any) -> None:
-        if kind == Kind.COUNTER:
-            for name_id, _pad, value in records.tolist():
-                name = chunk.string(name_id)
-                if name == CLOCK_COUNTER and value:
-                    self.clock_hz = int(value)
-                elif name == GUEST_CLOCK_COUNTER:
-                    self.clock_t.append(st.t)
-                    self.clock_ns.append(int(value))
 
     def on_interval(self, st: ReplayState, t0: int, t1: int) -> None:
         f = st.figures()
@@ -66,7 +50,8 @@ class OracleAnalysis(Analysis):
         self.t_end = st.t
 
     def result(self) -> Result:
-        tr = self.replay.trace
+        tr = self.ctx.trace
+        tb = self.ctx.time
         unit = tr.clock_unit
         ps = tr.page_size
         r = Result("oracle")
@@ -79,11 +64,9 @@ class OracleAnalysis(Analysis):
             vals = [f.get(k, 0) for k in SERIES]
             pts = active = [[self.t_end, self.t_end, *vals]]
 
-        hz = tr.header.get("clock_hz") or self.clock_hz
-        clock = GuestClock.from_counters(float(hz or 1), self.clock_t, self.clock_ns)
-        if clock.knots and pts and duration:
-            ends = clock.guest(np.array([[p[0], p[1]] for p in pts], dtype=np.float64))
-            weight = list(np.maximum(ends[:, 1] - ends[:, 0], 0.0))
+        if tb.seconds and pts and duration:
+            ends = np.array([[p[0], p[1]] for p in pts], dtype=np.float64)
+            weight = list(np.maximum(tb.span(ends[:, 0], ends[:, 1]), 0.0))
         else:
             weight = [float(p[1] - p[0]) for p in pts]
         total = sum(weight)
@@ -110,26 +93,23 @@ class OracleAnalysis(Analysis):
         r.summary["savings_vs_mmap_fork"] = save_mf
         r.summary["savings_vs_ksm_hint_all"] = save_ksm
         r.units["savings_vs_mmap_fork"] = r.units["savings_vs_ksm_hint_all"] = f"page*{unit}"
-        if clock.knots:
+        if tb.seconds:
             page_s = {"savings_vs_mmap_fork": sum(w * (p[3] - p[2]) for w, p in zip(
                           weight, pts, strict=True)),
                       "savings_vs_ksm_hint_all": sum(w * (p[4] - p[2]) for w, p in zip(
                           weight, pts, strict=True))}
-        elif hz:
-            page_s = {k: r.summary[k] / float(hz)
+        elif tb.hz:
+            page_s = {k: r.summary[k] / float(tb.hz)
                       for k in ("savings_vs_mmap_fork", "savings_vs_ksm_hint_all")}
         else:
             page_s = {}
         for k, v in page_s.items():
             r.summary[k + "_mib_s"] = round(pages_to_mib(v, ps), 3)
             r.units[k + "_mib_s"] = "MiB*s"
-        if clock.knots:
+        if tb.seconds:
             r.summary["guest_seconds"] = round(total, 3)
             r.units["guest_seconds"] = "s"
-        r.summary["time_base"] = (f"guest clock ({clock.knots} {GUEST_CLOCK_COUNTER} knots)"
-                                  if clock.knots else
-                                  f"trace clock ({unit})" + (", tracer.clock_hz for seconds"
-                                                             if hz else ""))
+        r.summary["time_base"] = tb.describe()
         if duration and total:
             r.summary["savings_vs_mmap_fork_mean"] = round(tw(3) - tw(2), 2)
             r.summary["savings_vs_ksm_hint_all_mean"] = round(tw(4) - tw(2), 2)
@@ -144,6 +124,21 @@ class OracleAnalysis(Analysis):
         r.notes.append("oracle = full CBPS at every change recorded in the trace (an epoch of a "
                        "recorded trace); min/max over the instants with anything mapped")
         return r
+
+    def plots(self, result: Result) -> list[Plot]:
+        rows = result.tables["series"].rows
+        if not rows:
+            return []
+        ps = self.ctx.page_size
+        x = self.ctx.time.x(np.array([r[0] for r in rows] + [rows[-1][1]], dtype=np.float64))
+        y = [pages_to_mib(r[2], ps) for r in rows] + [pages_to_mib(rows[-1][2], ps)]
+
+        def draw(ax: Any) -> None:
+            steps(ax, x, y, color="black", linewidth=1, linestyle="--",
+                  label="oracle lower bound (every change)")
+
+        return [Plot("memory", "memory over time: the four figures and the oracle", draw,
+                     ylabel="memory (MiB)")]
 
     def series(self) -> list[list[Any]]:
         return self.points

@@ -1,49 +1,62 @@
-"""Draw sharing over time: the four figures and the oracle on one chart (matplotlib, optional)."""
+"""Draw the analyses' pictures into one PNG: a panel per picture (matplotlib, optional).
+
+Each analysis offers its pictures through ``Analysis.plots(result)`` (``memtrace.analyses.base
+.Plot``); pictures naming the same panel share one set of axes, so the four figures and the
+oracle are drawn over each other. Panels on the time axis share it: guest seconds when the
+trace has the guest clock, its clock unit otherwise.
+"""
 
 from __future__ import annotations
 
-from memtrace.analyses.base import Result
-from memtrace.analyses.timeline import pages_to_mib
+from collections.abc import Sequence
+from typing import Any
+
+from memtrace.analyses.base import Analysis, Context, Plot
 
 
 class PlotError(Exception):
     pass
 
 
-def plot(path: str, sharing: Result | None, oracle: Result | None, clock_unit: str,
-         title: str) -> None:
+def check_matplotlib() -> None:
+    """Fail before the replay, not after it, when matplotlib is missing."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         raise PlotError("matplotlib is not installed; install it with "
                         "pip install 'memtrace[plot]'") from None
-    fig, ax = plt.subplots(figsize=(10, 5.5))
-    labels = {"no_sharing": "no sharing", "mmap_fork": "mmap/fork",
-              "ksm_hint_all": "KSM hint all", "full_cbps": "full CBPS (samples)"}
-    if sharing is not None:
-        s = sharing.tables["series"]
-        t = [r[0] for r in s.rows]
-        for col, lab in labels.items():
-            i = s.columns.index(col)
-            ax.plot(t, [pages_to_mib(r[i]) for r in s.rows], label=lab, drawstyle="steps-post",
-                    marker="." if len(t) < 60 else None)
-    if oracle is not None:
-        o = oracle.tables["series"]
-        xs: list[float] = []
-        ys: list[float] = []
-        for r in o.rows:
-            xs += [r[0], r[1]]
-            ys += [pages_to_mib(r[2])] * 2
-        ax.plot(xs, ys, color="black", linewidth=1, linestyle="--",
-                label="oracle lower bound (every change)")
-    ax.set_xlabel(f"time ({clock_unit})")
-    ax.set_ylabel("memory (MiB)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+
+
+def draw(path: str, offered: Sequence[tuple[Analysis, list[Plot]]], ctx: Context,
+         title: str) -> None:
+    """Draw every offered plot into ``path``, one panel per distinct ``Plot.panel``."""
+    check_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict[str, list[Plot]] = {}
+    for _analysis, plots in offered:
+        for p in plots:
+            panels.setdefault(p.panel, []).append(p)
+    if not panels:
+        raise PlotError("none of the chosen analyses draws a picture (--sharing, --oracle "
+                        "and --ksm do)")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 4.8 * len(panels)), squeeze=False)
+    for ax, (_name, plots) in zip(axes[:, 0], panels.items(), strict=True):
+        for p in plots:
+            p.draw(ax)
+        first = plots[0]
+        ax.set_title(first.title)
+        if first.ylabel:
+            ax.set_ylabel(first.ylabel)
+        if first.time_axis:
+            ax.set_xlabel(f"time ({ctx.time.axis})")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.suptitle(title)
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=110)
@@ -51,3 +64,8 @@ def plot(path: str, sharing: Result | None, oracle: Result | None, clock_unit: s
         raise PlotError(f"cannot write {path}: {e.strerror}") from None
     finally:
         plt.close(fig)
+
+
+def steps(ax: Any, x: Sequence[float], y: Sequence[float], **kw: Any) -> None:
+    """A step line (each value holds until the next x), with markers when points are few."""
+    ax.plot(x, y, drawstyle="steps-post", marker="." if len(x) < 60 else None, **kw)

@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from memtrace.analyses.base import Analysis, Result, Table
+from memtrace.analyses.base import Analysis, Context, Interval, Plot, Result, Table
 from memtrace.analyses.kernels import MMID_SHIFT, PREFETCH_AHEAD, hot, prefetch
+from memtrace.analyses.plot import steps
 from memtrace.analyses.state import ReplayState
-from memtrace.analyses.timeline import MIB_PAGES, default_interval, pages_to_mib, samples_in
+from memtrace.analyses.timeline import MIB_PAGES, pages_to_mib
 from memtrace.traces.format import Kind, MarkOp
 
 
@@ -31,6 +32,8 @@ def parse_base(s: str) -> int:
         raise argparse.ArgumentTypeError(f"not a base: {s!r} (e.g. 120000 or 480MiB)") from None
 
 FIGURES = ("no_sharing", "mmap_fork", "ksm_hint_all", "full_cbps")
+FIGURE_LABELS = {"no_sharing": "no sharing", "mmap_fork": "mmap/fork",
+                 "ksm_hint_all": "KSM hint all", "full_cbps": "full CBPS (samples)"}
 
 
 # what ``frame_census`` counts, by index into its output
@@ -217,9 +220,9 @@ class SharingAnalysis(Analysis):
 
     @classmethod
     def from_args(cls, args: Any) -> SharingAnalysis:
-        return cls(args.interval, base=args.base)
+        return cls(base=args.base)
 
-    def __init__(self, interval: int | None = None, top_spaces: int = 20,
+    def __init__(self, interval: Interval | int | None = None, top_spaces: int = 20,
                  base: int | None = None) -> None:
         self.interval = interval
         self.base = base
@@ -230,13 +233,13 @@ class SharingAnalysis(Analysis):
         self.peak_spaces: SpacesAtPeak | None = None
         self.census = FrameCensus()
 
-    def begin(self, replay: Any) -> None:
-        super().begin(replay)
-        tr = replay.trace
+    def begin(self, ctx: Context) -> None:
+        super().begin(ctx)
+        tr = ctx.trace
         # a snapshot trace changes only at its snapshots: sample each one, once
-        self.per_snapshot = tr.header.get("source") == "snapshot" and not self.interval
-        self.interval = self.interval or default_interval(tr)
-        self.origin = tr.t_begin
+        self.per_snapshot = (tr.header.get("source") == "snapshot" and not self.interval
+                             and ctx.interval is None)
+        self.grid = ctx.grid(100, self.interval)
 
     def _sample(self, st: ReplayState, s: int) -> None:
         fig = {"t": s, **self.census(st)}
@@ -248,7 +251,7 @@ class SharingAnalysis(Analysis):
     def on_interval(self, st: ReplayState, t0: int, t1: int) -> None:
         if self.per_snapshot:
             return
-        for s in samples_in(t0, t1, self.origin, self.interval or 1):
+        for s in self.grid.instants_in(t0, t1):
             self._sample(st, s)
 
     def on_records(self, st: ReplayState, kind: int, records: Any, chunk: Any) -> None:
@@ -268,8 +271,9 @@ class SharingAnalysis(Analysis):
         r.tables["series"] = Table(cols, [[s[c] for c in cols] for s in self.samples],
                                    "sharing over time (pages)")
         peak = self.peak or {k: 0 for k in cols}
-        r.summary["interval"] = self.interval
-        r.units["interval"] = self.replay.trace.clock_unit
+        step = self.grid.step
+        r.summary["interval"] = step.value if step.seconds else int(step.value)
+        r.units["interval"] = "s" if step.seconds else self.ctx.trace.clock_unit
         r.summary["samples"] = len(self.samples)
         r.summary["peak_t"] = peak.get("t", 0)
         r.units["peak_t"] = self.replay.trace.clock_unit
@@ -303,3 +307,18 @@ class SharingAnalysis(Analysis):
                 cols2, [[row[c] for c in cols2] for row in spaces[:self.top_spaces]],
                 "per address space at peak (largest first)")
         return r
+
+    def plots(self, result: Result) -> list[Plot]:
+        series = result.tables["series"]
+        if not series.rows:
+            return []
+        ps = self.ctx.page_size
+        x = self.ctx.time.x(np.array([row[0] for row in series.rows], dtype=np.float64))
+
+        def draw(ax: Any) -> None:
+            for col, label in FIGURE_LABELS.items():
+                i = series.columns.index(col)
+                steps(ax, x, [pages_to_mib(row[i], ps) for row in series.rows], label=label)
+
+        return [Plot("memory", "memory over time: the four figures and the oracle", draw,
+                     ylabel="memory (MiB)")]

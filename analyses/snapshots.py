@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from memtrace.analyses.base import Analysis, Result, Table
+from memtrace.analyses.base import Analysis, Context, Interval, Result, Table
 from memtrace.analyses.state import ReplayState
-from memtrace.analyses.timeline import default_interval, samples_in
 
 
 class SnapshotVsContinuous(Analysis):
@@ -27,11 +26,7 @@ class SnapshotVsContinuous(Analysis):
     default = True
     wants_content_deltas = True
 
-    @classmethod
-    def from_args(cls, args: Any) -> SnapshotVsContinuous:
-        return cls(args.interval)
-
-    def __init__(self, interval: int | None = None) -> None:
+    def __init__(self, interval: Interval | int | None = None) -> None:
         self.interval = interval
         self.start = np.full(1024, -1, dtype=np.int64)   # opportunity start time per content
         self.last_t = np.zeros(1024, dtype=np.int64)
@@ -42,11 +37,11 @@ class SnapshotVsContinuous(Analysis):
         self.cont_area = 0.0
         self.cont_time = 0
 
-    def begin(self, replay: Any) -> None:
-        super().begin(replay)
-        tr = replay.trace
-        self.interval = self.interval or default_interval(tr, 20)
-        self.origin = tr.t_begin
+    def begin(self, ctx: Context) -> None:
+        super().begin(ctx)
+        self.grid = ctx.grid(20, self.interval)
+        self.origin = ctx.trace.t_begin
+        self.interval = int(self.grid.step.value)
 
     def _grow(self, n: int) -> None:
         if n > len(self.start):
@@ -80,7 +75,7 @@ class SnapshotVsContinuous(Analysis):
         saved = st.mapped_frames - st.distinct_mapped - st.unknown_mapped
         self.cont_area += saved * (t1 - t0)
         self.cont_time += t1 - t0
-        for s in samples_in(t0, t1, self.origin, self.interval or 1):
+        for s in self.grid.instants_in(t0, t1):
             self._snapshot(st, s)
 
     def _snapshot(self, st: ReplayState, s: int) -> None:

@@ -231,6 +231,9 @@ class ReplayState:
         self.contents = ContentTable(max(12, (2 * max(nframes, 1)).bit_length()))
         self.zero_cid = self.contents.id_of(*ZERO_HASH)
         self.listeners: list[ContentListener] = []
+        # the current instant's content change log (see end_instant), kept across reset
+        self._ilog = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64),
+                      np.zeros(1, dtype=np.int64))
         self._alloc(max(nframes, 1))
         self._init_state()
 
@@ -408,8 +411,7 @@ class ReplayState:
         kernel goes on from there, with the arrays ``views()`` gives (growing replaces them).
         """
         self.version += 1
-        log = self.listeners and (np.empty(changes, dtype=np.int64),
-                                  np.empty(changes, dtype=np.int64), np.zeros(1, dtype=np.int64))
+        log = self._instant_log(changes) if self.listeners else None
         if records is None:
             kernel(*args, self._fs, (self._mark, *log) if log else _NO_LOG)
         else:
@@ -418,17 +420,32 @@ class ReplayState:
                                (self._mark, *log) if log else _NO_LOG)) < records:
                 assert make_room is not None
                 make_room(i)
-        if log:
-            self._report(*log)
 
-    def _report(self, log_cid: np.ndarray, log_before: np.ndarray, nlog: np.ndarray) -> None:
-        """Hand the listeners the logged contents whose mapped reference count moved."""
-        k = int(nlog[0])
+    def _instant_log(self, changes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The change log of the current instant, with room for ``changes`` more contents. A
+        content is logged once per instant, with its mapped count when it first changed; the
+        log's places stay valid as it grows (``_mark`` holds 1 + a content's place)."""
+        cid, before, n = self._ilog
+        need = int(n[0]) + changes
+        if need > len(cid):
+            size = max(need, 2 * len(cid), 1024)
+            grown = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
+            grown[0][:n[0]] = cid[:n[0]]
+            grown[1][:n[0]] = before[:n[0]]
+            self._ilog = (*grown, n)
+        return self._ilog
+
+    def end_instant(self) -> None:
+        """All records of the current time stamp are applied: hand the listeners the contents
+        whose mapped reference count differs from what it was when the instant began."""
+        cid_log, before_log, n = self._ilog
+        k = int(n[0])
         if not k:
             return
-        cids = log_cid[:k]
+        n[0] = 0
+        cids = cid_log[:k].copy()
         self._mark[cids] = 0
-        before = log_before[:k]
+        before = before_log[:k].copy()
         after = self.ref_mapped[cids].astype(np.int64)
         moved = before != after
         if moved.any():

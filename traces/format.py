@@ -89,6 +89,14 @@ class LostSource(IntEnum):
     TRACER_BUFFER = 3
 
 
+# COUNTER names with a meaning the format defines (FORMAT.md, "Counters")
+#: the guest's CLOCK_MONOTONIC in ns, written by the guest agent every 100 ms
+COUNTER_GUEST_CLOCK_NS = "guest.clock_ns"
+#: the guest kernel's HZ, written by the guest agent with its first clock counter
+COUNTER_GUEST_HZ = "guest.hz"
+#: a recorder's estimate of clock units per guest second, written when it closes the trace
+COUNTER_CLOCK_HZ = "tracer.clock_hz"
+
 MAP_PRESENT = 1
 MAP_WRITABLE = 2
 MAP_DIRTY = 4

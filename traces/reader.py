@@ -37,6 +37,7 @@ from memtrace.traces.format import (
     Kind,
     pad8,
 )
+from memtrace.traces.timebase import TimeBase, read_time_base
 
 MAX_RAW_CHUNK = 1 << 31
 
@@ -297,6 +298,13 @@ class Trace:
     @property
     def t_end(self) -> int:
         return self.chunks[-1].t_last if self.chunks else 0
+
+    def time_base(self) -> TimeBase:
+        """The trace's time base (``memtrace.traces.timebase``): computed on first use (one pass
+        over the chunks that carry clock counters), then kept."""
+        if not hasattr(self, "_time_base"):
+            self._time_base = read_time_base(self)
+        return self._time_base
 
     # -- content store --------------------------------------------------------------------------
     def content(self, hash_lo: int, hash_hi: int) -> bytes | None:

@@ -120,14 +120,18 @@ def _check(st: ReplayState, ref: dict[int, dict[int, int]]) -> None:
 
 
 def test_content_log_reports_mapped_reference_changes() -> None:
-    """The listeners get, per content, its mapped reference count before and after a block."""
+    """The listeners get, per content, its mapped reference count before and after an instant:
+    once, when the instant ends, however many blocks changed it."""
     st = ReplayState(16)
     seen: list[tuple[list[int], list[int], list[int]]] = []
     st.listeners.append(lambda c, b, a: seen.append((c.tolist(), b.tolist(), a.tolist())))
     lo = np.array([11, 11, 12, 13], dtype=np.uint64)
     st.apply_pages(np.arange(4), lo, lo)
+    st.end_instant()
     assert seen == []  # nothing mapped yet
     st.apply_maps(_maps([1, 1, 2], [0, 1, 0], [0, 1, 2], [True, True, True]))
+    assert seen == []  # the instant is not over
+    st.end_instant()
     ids = st.contents.ids(lo, lo).tolist()
     got = {c: (b, a) for c, b, a in zip(*seen[-1], strict=True)}
     assert got == {ids[0]: (0, 2), ids[2]: (0, 1)}
@@ -135,9 +139,16 @@ def test_content_log_reports_mapped_reference_changes() -> None:
     n = len(seen)
     st.apply_pages(np.array([1, 1]), np.array([12, 11], dtype=np.uint64),
                    np.array([12, 11], dtype=np.uint64))
+    st.end_instant()
+    assert len(seen) == n
+    # the same across blocks of one instant: 12 in one block, 11 again in the next
+    st.apply_pages(np.array([1]), np.array([12], dtype=np.uint64), np.array([12], dtype=np.uint64))
+    st.apply_pages(np.array([1]), np.array([11], dtype=np.uint64), np.array([11], dtype=np.uint64))
+    st.end_instant()
     assert len(seen) == n
     before = st.ref_mapped.copy()
     st.release_space(1)
+    st.end_instant()
     got = {c: (b, a) for c, b, a in zip(*seen[-1], strict=True)}
     assert got == {ids[0]: (2, 0)}
     assert int(before[ids[0]]) == 2 and int(st.ref_mapped[ids[0]]) == 0

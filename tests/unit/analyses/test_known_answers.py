@@ -185,7 +185,7 @@ def test_oracle_weighs_by_guest_seconds_when_the_trace_has_the_guest_clock(tmp_p
     b.w.counter("guest.clock_ns", 6_000_000_000)
     b.close()
     o = replay(tmp_path / "t.mtr", interval=10)["results"]["oracle"]
-    assert o.summary["time_base"].startswith("guest clock (4 ")
+    assert o.summary["time_base"].startswith("guest seconds (4 ")
     assert o.summary["guest_seconds"] == 1.0
     assert o.summary["oracle_mean"] == round(0.1 * 1 + 0.8 * 2 + 0.1 * 1, 2)  # 1.8, not 1.33
     assert o.summary["savings_vs_mmap_fork"] == 20  # still in page*instructions
