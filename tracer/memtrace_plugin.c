@@ -195,6 +195,10 @@ static struct {
     struct mb_reader mb;
     bool in_dump, have_dump;
     struct mb_event dump_begin, dump_end;
+    /* the agent's MARK STOP, seen in the current drain: the traced region ends when the drain
+     * does, after the events that follow it in the ring (see finish_stop) */
+    bool stop_pending;
+    struct mb_event stop_ev;
     struct evbuf dump, pending;
     uint64_t pending_overflow; /* events discarded from `pending` (PENDING_CAP) */
     GHashTable *tasks;    /* pid -> struct task_info */
@@ -823,10 +827,29 @@ static void keep_pending(const struct mb_event *ev)
     evbuf_push(&S.pending, ev);
 }
 
+/*
+ * A drain reads the ring up to where the agent had written at that instant, and the RAM the
+ * tracer hashes and walks is RAM at that instant too. So the traced region ends when the drain
+ * that saw MARK STOP ends, with the events that followed STOP in the ring applied first: they
+ * happened before the instant the state is taken at (a shell that wrote STOP and then exited
+ * has its EXIT recorded; without it the walk saw its page tables torn down while the trace
+ * still had it alive).
+ */
+static void finish_stop(void)
+{
+    if (S.stop_pending) {
+        S.stop_pending = false;
+        deactivate(S.stop_ev.name, S.stop_ev.arg);
+    }
+}
+
 static void on_agent_event(void *ctx, const struct mb_event *ev)
 {
     (void)ctx;
     bool mark = ev->type == MB_MARK;
+    if (S.stop_pending && mark && (ev->op == TW_MARK_START || ev->op == TW_MARK_STATE_BEGIN)) {
+        finish_stop(); /* a new region or dump begins after the old region's end */
+    }
     if (mark && ev->op == TW_MARK_STATE_BEGIN) {
         if (S.in_dump) {
             warn("agent state dump restarted before it ended");
@@ -881,7 +904,10 @@ static void on_agent_event(void *ctx, const struct mb_event *ev)
     }
     ensure_time();
     if (mark && ev->op == TW_MARK_STOP) {
-        deactivate(ev->name, ev->arg);
+        if (!S.stop_pending) {
+            S.stop_pending = true;
+            S.stop_ev = *ev;
+        }
         return;
     }
     if (mark && ev->op == TW_MARK_STATE_END) {
@@ -932,6 +958,7 @@ static void drain_mailbox(void)
             keep_pending(&ev);
         }
     }
+    finish_stop();
 }
 
 /* ---- epochs -------------------------------------------------------------------------------- */
