@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
@@ -87,17 +88,54 @@ def parse_count(s: str) -> int:
     return int(float(m.group(1)) * {"": 1, "k": 10**3, "M": 10**6, "G": 10**9}[m.group(2)])
 
 
+def positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {s!r}")
+    return v
+
+
+MIN_EPOCH = 10_000  # the plugin looks at the clock at least every block; shorter is noise
+
+
+def parse_epoch(s: str) -> int:
+    v = parse_count(s)
+    if v < MIN_EPOCH:
+        raise argparse.ArgumentTypeError(f"{s!r}: an epoch is at least {MIN_EPOCH:,} guest "
+                                         "instructions (default 10M)")
+    return v
+
+
+def output_path(a: argparse.Namespace) -> Path:
+    """The trace's path, its folder created and writable, checked before QEMU starts."""
+    out = Path(a.output or f"out/{a.scenario}-{a.n}-{a.mode}.mtr")
+    if out.is_dir():
+        raise SetupError(f"-o {out}: is a folder; give the trace file's path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SetupError(f"-o {out}: cannot create the folder {out.parent}: "
+                         f"{e.strerror or e}") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise SetupError(f"-o {out}: the folder {out.parent} is not writable")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="trace-record", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", default="single", choices=SCENARIOS,
                     help="guest workload (default: single)")
-    ap.add_argument("-n", type=int, default=2, help="instances for the scenario (default: 2)")
+    ap.add_argument("-n", type=positive_int, default=2,
+                    help="instances for the scenario (default: 2)")
     ap.add_argument("-o", "--output", help="trace file (default: out/SCENARIO-N-MODE.mtr)")
     ap.add_argument("--mode", choices=("pages", "writes"), default="pages",
                     help="pages: content hashes of changed frames per epoch (default); "
                          "writes: every store with its value as well")
-    ap.add_argument("--epoch", type=parse_count, default=10_000_000,
+    ap.add_argument("--epoch", type=parse_epoch, default=10_000_000,
                     help="epoch length in guest instructions (default 10M)")
     ap.add_argument("--ram", default="512M", help="guest RAM (default 512M, at most 2G)")
     ap.add_argument("--track", choices=("auto", "pagemap", "callbacks"), default="auto",
@@ -135,6 +173,9 @@ class Recorder:
 
     async def run(self) -> int:
         a = self.a
+        out = output_path(a)
+        if a.timeout <= 0:
+            raise SetupError(f"--timeout {a.timeout:g}: give a positive number of seconds")
         qemu_binary()
         manifest = guest_image()
         if not a.no_plugin:
@@ -143,8 +184,6 @@ class Recorder:
         if ram_size > 2 << 30:
             raise SetupError("--ram at most 2G (guest physical address == RAM file offset "
                              "only below the PCI hole)")
-        out = Path(a.output or f"out/{a.scenario}-{a.n}-{a.mode}.mtr")
-        out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="trace-record-") as tmp:
             work = Path(tmp)
             files = manifest.get("files", {})
@@ -280,6 +319,10 @@ def main(argv: list[str] | None = None) -> None:
         code = asyncio.run(Recorder(a).run())
     except (SetupError, TraceError, ValueError) as e:
         print(f"trace-record: error: {e}", file=sys.stderr)
+        code = 1
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"trace-record: error: {e.strerror or e}{where}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         print("trace-record: interrupted", file=sys.stderr)
