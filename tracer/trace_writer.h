@@ -69,6 +69,19 @@ struct tw_rec_mark { uint32_t op, name; uint64_t arg; };
 struct tw_rec_lost { uint32_t source, pad; uint64_t count; };
 struct tw_rec_counter { uint32_t name, pad; uint64_t value; };
 
+/* the sizes FORMAT.md's record table gives (tests/unit/traces/test_format_doc.py checks that
+ * this list and the table agree) */
+_Static_assert(sizeof(struct tw_rec_time) == 16, "TIME is 16 bytes");
+_Static_assert(sizeof(struct tw_rec_page) == 24, "PAGE is 24 bytes");
+_Static_assert(sizeof(struct tw_rec_write) == 16, "WRITE is 16 bytes");
+_Static_assert(sizeof(struct tw_rec_task) == 40, "TASK is 40 bytes");
+_Static_assert(sizeof(struct tw_rec_vma) == 64, "VMA is 64 bytes");
+_Static_assert(sizeof(struct tw_rec_pagecache) == 32, "PAGECACHE is 32 bytes");
+_Static_assert(sizeof(struct tw_rec_map) == 32, "MAP is 32 bytes");
+_Static_assert(sizeof(struct tw_rec_mark) == 16, "MARK is 16 bytes");
+_Static_assert(sizeof(struct tw_rec_lost) == 16, "LOST is 16 bytes");
+_Static_assert(sizeof(struct tw_rec_counter) == 16, "COUNTER is 16 bytes");
+
 struct tw_stats {
     uint64_t chunks;          /* records chunks handed to the writer thread */
     uint64_t records;         /* records appended (STRINGS not counted) */

@@ -10,6 +10,7 @@ from memtrace.traces.format import (
     FILE_HEADER,
     FORMAT_VERSION,
     INDEX_ENTRY,
+    RECORD_SIZES,
     TRAILER,
     Kind,
 )
@@ -53,3 +54,13 @@ def test_c_writer_kinds_match():
     assert enum
     c_kinds = {name: int(num) for name, num in re.findall(r"TW_([A-Z]+) = (\d+)", enum.group(1))}
     assert c_kinds == {k.name: int(k) for k in Kind}
+
+
+def test_c_writer_record_sizes_match():
+    """trace_writer.h asserts, at compile time, the size of each record struct; those sizes are
+    the table's (UNSEEN shares WRITE's struct)."""
+    header = (REPO / "tracer" / "trace_writer.h").read_text()
+    asserted = {name.upper(): int(size) for name, size in re.findall(
+        r"_Static_assert\(sizeof\(struct tw_rec_(\w+)\) == (\d+)", header)}
+    table = {k.name: RECORD_SIZES[k] for k in Kind if k not in (Kind.STRINGS, Kind.UNSEEN)}
+    assert asserted == table
