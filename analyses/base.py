@@ -150,21 +150,26 @@ class Context:
     def page_size(self) -> int:
         return self.trace.page_size
 
-    def default_interval(self, samples: int = 100) -> int:
-        """About ``samples`` samples over the trace, in clock units (at least 1)."""
+    def default_interval(self, samples: int = 100) -> Interval:
+        """About ``samples`` samples over the trace, on the report's time base: guest seconds
+        when the trace has them, else clock units (at least 1)."""
         tr = self.trace
         if not tr.chunks:
-            return 1
-        return max(1, (tr.chunks[-1].t_last - tr.t_begin) // samples)
+            return Interval(1)
+        if self.time.seconds:
+            span = float(self.time.to_seconds(tr.chunks[-1].t_last))
+            if span > 0:
+                return Interval(span / samples, True)
+        return Interval(max(1, (tr.chunks[-1].t_last - tr.t_begin) // samples))
 
     def grid(self, samples: int = 100, interval: Interval | int | None = None) -> Grid:
         """The sampling grid: ``interval`` (or the user's ``--interval``) if given, else about
-        ``samples`` samples over the trace."""
+        ``samples`` samples over the trace on the report's time base."""
         iv = interval if interval is not None else self.interval
         if isinstance(iv, int):
             iv = Interval(iv)
         if iv is None:
-            iv = Interval(self.default_interval(samples))
+            iv = self.default_interval(samples)
         if iv.seconds and not self.time.seconds:
             raise UsageError(f"--interval {iv}: {self.trace.path} has no guest clock; give the "
                              f"interval in {self.trace.clock_unit} (e.g. 10M)")

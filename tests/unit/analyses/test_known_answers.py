@@ -100,9 +100,11 @@ def test_write_breaks_sharing_and_oracle_series(tmp_path):
     # mmap/fork is 2 throughout: savings = (2-1)*10 + 0 + (2-1)*10 = 20 page*units
     assert o.summary["savings_vs_mmap_fork"] == 20
     s = r["results"]["snapshot_vs_continuous"]
-    # opportunity 1: [10, 20) lifetime 10; opportunity 2: [30, 40) censored at the end
+    # opportunity 1: [10, 20), open at the first instant (left-censored); opportunity 2:
+    # [30, 40), open at the last (right-censored)
     assert s.summary["opportunities"] == 2
-    assert s.summary["lifetime_max"] == 10
+    assert (s.summary["left_censored"], s.summary["right_censored"]) == (1, 1)
+    assert s.summary["page_time"] == 20
 
 
 def test_short_opportunity_missed_by_snapshots(tmp_path):
