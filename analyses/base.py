@@ -150,6 +150,33 @@ class Context:
     def page_size(self) -> int:
         return self.trace.page_size
 
+    def phase_at(self, times: list[int] | np.ndarray) -> list[str]:
+        """The marked phase in force at each trace time ("" outside any)."""
+        phases = self.trace.phases()
+        starts = np.array([p.t_start for p in phases], dtype=np.int64)
+        names = []
+        for t in np.asarray(times).tolist():
+            i = int(np.searchsorted(starts, t, side="right")) - 1
+            names.append(phases[i].name if i >= 0 and t < phases[i].t_end else "")
+        return names
+
+    def series(self, columns: list[str], rows: list[list[Any]], title: str,
+               times: int = 1) -> Table:
+        """A series: ``rows`` whose first ``times`` columns are trace times get, after them,
+        the same times in guest seconds from the trace's first instant (``seconds``,
+        ``seconds_end``; when the trace has them), and, last, the phase in force at the first."""
+        secs: list[list[float]] = []
+        names = ["seconds", "seconds_end"][:times]
+        if self.time.seconds and rows:
+            arr = np.array([row[:times] for row in rows], dtype=np.float64)
+            secs = np.round(np.asarray(self.time.to_seconds(arr), dtype=np.float64), 6).tolist()
+        phase = self.phase_at([row[0] for row in rows])
+        cols = [*columns[:times], *(names if self.time.seconds else []), *columns[times:],
+                "phase"]
+        out = [[*row[:times], *(secs[i] if secs else []), *row[times:], phase[i]]
+               for i, row in enumerate(rows)]
+        return Table(cols, out, title)
+
     def default_interval(self, samples: int = 100) -> Interval:
         """About ``samples`` samples over the trace, on the report's time base: guest seconds
         when the trace has them, else clock units (at least 1)."""
@@ -183,6 +210,11 @@ class Table:
     columns: list[str]
     rows: list[list[Any]] = field(default_factory=list)
     title: str = ""
+
+    def column(self, name: str) -> list[Any]:
+        """The values of one column, by name."""
+        i = self.columns.index(name)
+        return [row[i] for row in self.rows]
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 from memtrace.analyses.base import Analysis, Interval, Result, UsageError
 from memtrace.analyses.engine import Replay
 from memtrace.analyses.registry import ANALYSES
-from memtrace.analyses.report import render_csv, render_json, render_text
+from memtrace.analyses.report import describe, render_csv, render_json, render_text
 from memtrace.traces.reader import TraceError, open_trace
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "traces" / "samples"
@@ -112,9 +112,9 @@ def run(argv: list[str] | None = None) -> int:
               f"{st.lost})", file=sys.stderr)
     results: list[Result] = [x.result() for x in analyses]
     if a.format == "text":
-        out = render_text(results, trace.header, path)
+        out = render_text(results, replay.context, path)
     elif a.format == "json":
-        out = render_json(results, trace.header, path, trace.warnings)
+        out = render_json(results, replay.context, path, trace.warnings)
     else:
         try:
             out = render_csv(results, a.table)
@@ -131,8 +131,10 @@ def run(argv: list[str] | None = None) -> int:
         from memtrace.analyses.plot import PlotError, draw
 
         try:
+            about = describe(replay.context)
             draw(a.plot, [(x, x.plots(r)) for x, r in zip(analyses, results, strict=True)],
-                 replay.context, f"{Path(path).name}")
+                 replay.context, Path(path).name + (f": {about['scenario']}"
+                                                    if "scenario" in about else ""))
         except PlotError as e:
             return fail(str(e))
         print(f"plot written to {a.plot}", file=sys.stderr)

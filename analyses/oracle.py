@@ -118,20 +118,59 @@ class OracleAnalysis(Analysis):
         r.summary["duration"] = duration
         r.units["duration"] = unit
         r.summary["change_points"] = len(self.points)
-        r.tables["series"] = Table(["t", "t_end", "oracle", *SERIES[1:]],
-                                   [list(p) for p in self.points],
-                                   "oracle lower bound at every change (pages)")
+        r.tables["series"] = self.ctx.series(["t", "t_end", "oracle", *SERIES[1:]],
+                                             [list(p) for p in self.points],
+                                             "oracle lower bound at every change (pages)",
+                                             times=2)
+        by_phase = self._by_phase(pts, weight)
+        if by_phase:
+            r.tables["by_phase"] = Table(
+                ["phase", "start", "end", "duration", "oracle_min", "oracle_max", "oracle_mean",
+                 "mmap_fork_mean", "ksm_hint_all_mean", "no_sharing_mean"], by_phase,
+                f"per marked phase (start, end, duration in {tb.axis}; means in pages, "
+                "weighted as above)")
         r.notes.append("oracle = full CBPS at every change recorded in the trace (an epoch of a "
                        "recorded trace); min/max over the instants with anything mapped")
         return r
 
+    def _by_phase(self, pts: list[list[int]], weight: list[float]) -> list[list[Any]]:
+        """Per marked phase: min, max and time-weighted means over the change points that
+        start within it (a point straddling a phase boundary counts where it starts)."""
+        phases = self.ctx.trace.phases()
+        if not phases or not pts:
+            return []
+        tb = self.ctx.time
+        names = self.ctx.phase_at([p[0] for p in pts])
+        out = []
+        for ph in phases:
+            sel = [i for i, n in enumerate(names) if n == ph.name
+                   and ph.t_start <= pts[i][0] < max(ph.t_end, ph.t_start + 1)]
+            w = [weight[i] for i in sel]
+            tot = sum(w)
+
+            def mean(j: int, sel: list[int] = sel, w: list[float] = w, tot: float = tot
+                     ) -> float | None:
+                if not sel:
+                    return None
+                if tot == 0:
+                    return round(float(pts[sel[0]][j]), 2)
+                return round(sum(wi * pts[i][j] for wi, i in zip(w, sel, strict=True)) / tot, 2)
+
+            active = [pts[i][2] for i in sel if pts[i][3] > 0] or [pts[i][2] for i in sel]
+            x0, x1 = float(tb.x(ph.t_start)), float(tb.x(ph.t_end))
+            out.append([ph.name, round(x0, 6), round(x1, 6), round(x1 - x0, 6),
+                        min(active) if active else None, max(active) if active else None,
+                        mean(2), mean(3), mean(4), mean(5)])
+        return out
+
     def plots(self, result: Result) -> list[Plot]:
-        rows = result.tables["series"].rows
-        if not rows:
+        series = result.tables["series"]
+        if not series.rows:
             return []
         ps = self.ctx.page_size
-        x = self.ctx.time.x(np.array([r[0] for r in rows] + [rows[-1][1]], dtype=np.float64))
-        y = [pages_to_mib(r[2], ps) for r in rows] + [pages_to_mib(rows[-1][2], ps)]
+        t, t_end, oracle = series.column("t"), series.column("t_end"), series.column("oracle")
+        x = self.ctx.time.x(np.array(t + [t_end[-1]], dtype=np.float64))
+        y = [pages_to_mib(v, ps) for v in oracle] + [pages_to_mib(oracle[-1], ps)]
 
         def draw(ax: Any) -> None:
             steps(ax, x, y, color="black", linewidth=1, linestyle="--",

@@ -53,6 +53,7 @@ def draw(path: str, offered: Sequence[tuple[Analysis, list[Plot]]], ctx: Context
             ax.set_ylabel(first.ylabel)
         if first.time_axis:
             ax.set_xlabel(f"time ({ctx.time.axis})")
+            shade_phases(ax, ctx)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
@@ -69,3 +70,15 @@ def draw(path: str, offered: Sequence[tuple[Analysis, list[Plot]]], ctx: Context
 def steps(ax: Any, x: Sequence[float], y: Sequence[float], **kw: Any) -> None:
     """A step line (each value holds until the next x), with markers when points are few."""
     ax.plot(x, y, drawstyle="steps-post", marker="." if len(x) < 60 else None, **kw)
+
+
+def shade_phases(ax: Any, ctx: Context) -> None:
+    """The workload's marked phases as labelled spans behind a time-axis panel."""
+    phases = [p for p in ctx.trace.phases() if p.name]
+    tb = ctx.time
+    for i, p in enumerate(phases):
+        x0, x1 = float(tb.x(p.t_start)), float(tb.x(p.t_end))
+        ax.axvspan(x0, x1, color="tab:gray" if i % 2 else "tab:olive", alpha=0.08, lw=0,
+                   label=None, gid=f"phase:{p.name}")
+        ax.text((x0 + x1) / 2, 0.98, p.name, transform=ax.get_xaxis_transform(),
+                ha="center", va="top", fontsize="small", color="dimgray", gid=f"phase:{p.name}")

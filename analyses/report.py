@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from memtrace.analyses.base import Result, Table
+from memtrace.analyses.base import Context, Result, Table
 
 TEXT_ROWS = 12  # series rows shown in text mode; CSV and JSON carry them all
 
@@ -39,12 +39,42 @@ def text_table(t: Table, max_rows: int | None = TEXT_ROWS) -> str:
     return "\n".join(lines)
 
 
-def render_text(results: Sequence[Result], header: dict[str, Any], path: str) -> str:
+def describe(ctx: Context) -> dict[str, Any]:
+    """What the report is about, once at its top: source, scenario, guest image, time base,
+    length, phases."""
+    tr = ctx.trace
+    h = tr.header
+    tb = ctx.time
+    span = tr.t_end - tr.t_begin
+    out: dict[str, Any] = {"source": h.get("source", "?")}
+    if h.get("mode"):
+        out["source"] += f" ({h['mode']} mode" + (
+            f", epochs of {h['epoch_length']:,} {tb.unit})" if h.get("epoch_length") else ")")
+    scen = h.get("scenario") or {}
+    if scen:
+        out["scenario"] = " ".join([str(scen.get("name"))] + [
+            f"{k}={v}" for k, v in scen.items() if k != "name"])
+    img = h.get("guest_image") or {}
+    if img:
+        out["guest"] = (f"Debian {img.get('suite', '?')}, kernel {img.get('kernel_release', '?')}"
+                        + (f", packages from {img['lock']}" if img.get("lock") else ""))
+    out["time_base"] = tb.describe()
+    out["length"] = (f"{float(tb.to_seconds(tr.t_end)):,.3f} guest seconds, " if tb.seconds
+                     else "") + f"{span:,} {tb.unit}"
+    phases = tr.phases()
+    if phases:
+        fmt = "{:,.2f}" if tb.seconds else "{:,.0f}"
+        out["phases"] = ", ".join(
+            f"{p.name or '(unnamed)'} {fmt.format(float(tb.x(p.t_start)))}-"
+            f"{fmt.format(float(tb.x(p.t_end)))}" for p in phases) + (
+            " s" if tb.seconds else f" {tb.unit} from the start")
+    return out
+
+
+def render_text(results: Sequence[Result], ctx: Context, path: str) -> str:
     out = [f"trace: {path}"]
-    src = header.get("source", "?")
-    scen = header.get("scenario") or {}
-    out.append(f"source: {src}" + (f", scenario {scen.get('name')} n={scen.get('n')}"
-                                   if scen else "") + f", clock: {header.get('clock_unit')}")
+    for k, v in describe(ctx).items():
+        out.append(f"{k.replace('_', ' ')}: {v}")
     for r in results:
         out.append("")
         out.append(f"== {r.name} ==")
@@ -83,11 +113,19 @@ def render_csv(results: Sequence[Result], table: str | None) -> str:
     return buf.getvalue()
 
 
-def render_json(results: Sequence[Result], header: dict[str, Any], path: str,
+def render_json(results: Sequence[Result], ctx: Context, path: str,
                 warnings: list[str]) -> str:
+    tb = ctx.time
+    tr = ctx.trace
     doc = {
         "trace": path,
-        "header": header,
+        "header": tr.header,
+        "about": describe(ctx),
+        "time": {"base": "guest seconds" if tb.seconds else tb.unit,
+                 "seconds": float(tb.to_seconds(tr.t_end)) if tb.seconds else None,
+                 "clock": tr.t_end - tr.t_begin, "clock_unit": tb.unit,
+                 "phases": [{"name": p.name, "t_start": p.t_start, "t_end": p.t_end}
+                            for p in tr.phases()]},
         "warnings": warnings,
         "results": {r.name: {"summary": r.summary, "units": r.units, "notes": r.notes,
                              "tables": {n: {"title": t.title, "columns": t.columns,

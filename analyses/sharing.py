@@ -268,8 +268,8 @@ class SharingAnalysis(Analysis):
         ps = self.replay.trace.page_size
         cols = ["t", *FIGURES, "zero_pages", "anon_frames", "named_frames", "guest_frames",
                 "guest_distinct"]
-        r.tables["series"] = Table(cols, [[s[c] for c in cols] for s in self.samples],
-                                   "sharing over time (pages)")
+        r.tables["series"] = self.ctx.series(cols, [[s[c] for c in cols] for s in self.samples],
+                                             "sharing over time (pages)")
         peak = self.peak or {k: 0 for k in cols}
         step = self.grid.step
         r.summary["interval"] = step.value if step.seconds else int(step.value)
@@ -313,12 +313,11 @@ class SharingAnalysis(Analysis):
         if not series.rows:
             return []
         ps = self.ctx.page_size
-        x = self.ctx.time.x(np.array([row[0] for row in series.rows], dtype=np.float64))
+        x = self.ctx.time.x(np.array(series.column("t"), dtype=np.float64))
 
         def draw(ax: Any) -> None:
             for col, label in FIGURE_LABELS.items():
-                i = series.columns.index(col)
-                steps(ax, x, [pages_to_mib(row[i], ps) for row in series.rows], label=label)
+                steps(ax, x, [pages_to_mib(v, ps) for v in series.column(col)], label=label)
 
         return [Plot("memory", "memory over time: the four figures and the oracle", draw,
                      ylabel="memory (MiB)")]

@@ -34,5 +34,7 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e '.[test,plot]'
+# setuptools says on every editable install that a folder named like a package could shadow
+# it; ours are mapped (memtrace.* -> traces/, analyses/, ...), so that note is noise here
+PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install -q -e '.[test,plot]'
 echo "setup: done (.venv ready)"

@@ -37,7 +37,14 @@ from memtrace.traces.format import (
     Kind,
     pad8,
 )
-from memtrace.traces.timebase import TimeBase, read_time_base
+from memtrace.traces.timebase import (
+    Phase,
+    TimeBase,
+    TraceMeta,
+    phases_of,
+    read_time_base,
+    scan_meta,
+)
 
 MAX_RAW_CHUNK = 1 << 31
 
@@ -299,12 +306,21 @@ class Trace:
     def t_end(self) -> int:
         return self.chunks[-1].t_last if self.chunks else 0
 
+    def _meta(self) -> TraceMeta:
+        if not hasattr(self, "_meta_pass"):
+            self._meta_pass = scan_meta(self)
+        return self._meta_pass
+
     def time_base(self) -> TimeBase:
         """The trace's time base (``memtrace.traces.timebase``): computed on first use (one pass
-        over the chunks that carry clock counters), then kept."""
+        over the chunks, shared with ``phases``), then kept."""
         if not hasattr(self, "_time_base"):
-            self._time_base = read_time_base(self)
+            self._time_base = read_time_base(self, self._meta())
         return self._time_base
+
+    def phases(self) -> list[Phase]:
+        """The phases the workload marked (MARK PHASE), with their spans in trace time."""
+        return phases_of(self._meta(), self.t_end)
 
     # -- content store --------------------------------------------------------------------------
     def content(self, hash_lo: int, hash_hi: int) -> bytes | None:

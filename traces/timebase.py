@@ -33,7 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from memtrace.traces.format import COUNTER_CLOCK_HZ, COUNTER_GUEST_CLOCK_NS, COUNTER_GUEST_HZ, Kind
+from memtrace.traces.format import (
+    COUNTER_CLOCK_HZ,
+    COUNTER_GUEST_CLOCK_NS,
+    COUNTER_GUEST_HZ,
+    Kind,
+    MarkOp,
+)
 
 if TYPE_CHECKING:
     from memtrace.traces.reader import Trace
@@ -159,13 +165,31 @@ class TimeBase:
         return self.clock.span(a, b)
 
 
-def read_time_base(trace: Trace) -> TimeBase:
-    """Compute a trace's time base: one pass over the chunks that name a clock counter (the
-    others are decompressed but not decoded)."""
-    ts: list[int] = []
-    ns: list[int] = []
-    counter_hz: int | None = None
-    guest_hz: int | None = None
+@dataclass(frozen=True)
+class Phase:
+    """A phase the workload marked (MARK PHASE): from its mark to the next PHASE or STOP, or the
+    trace's end. Time before the first PHASE mark belongs to no phase (name "")."""
+
+    name: str
+    t_start: int
+    t_end: int
+
+
+@dataclass
+class TraceMeta:
+    """What one pass over a trace's chunks collects for the time base and the phases."""
+
+    knot_t: list[int]
+    knot_ns: list[int]
+    counter_hz: int | None
+    guest_hz: int | None
+    marks: list[tuple[int, int, str]]  # (t, op, name) of PHASE, START and STOP marks
+
+
+def scan_meta(trace: Trace) -> TraceMeta:
+    """One pass over the chunks: clock counters (decoded only in chunks whose string table
+    names one) and phase marks."""
+    meta = TraceMeta([], [], None, None, [])
     names = (COUNTER_GUEST_CLOCK_NS, COUNTER_GUEST_HZ, COUNTER_CLOCK_HZ)
     t = trace.t_begin
     for info in trace.chunks:
@@ -173,29 +197,53 @@ def read_time_base(trace: Trace) -> TimeBase:
             ch = trace.read_chunk(info)
         except Exception:  # noqa: BLE001 - the replay reports a damaged chunk; time stops here
             break
-        if not any(n in ch.strings for n in names):
-            t = max(t, info.t_last)
-            continue
         for kind, rec in ch.blocks:
             if kind == Kind.TIME and len(rec):
                 t = int(rec["t"][-1])
-            elif kind == Kind.COUNTER:
+            elif kind == Kind.MARK:
+                for op, name_id, _arg in rec.tolist():
+                    if op in (MarkOp.PHASE, MarkOp.START, MarkOp.STOP):
+                        meta.marks.append((t, op, ch.string(name_id) or ""))
+            elif kind == Kind.COUNTER and any(n in ch.strings for n in names):
                 for name_id, _pad, value in rec.tolist():
                     name = ch.string(name_id)
                     if name == COUNTER_GUEST_CLOCK_NS:
-                        ts.append(t)
-                        ns.append(int(value))
+                        meta.knot_t.append(t)
+                        meta.knot_ns.append(int(value))
                     elif name == COUNTER_GUEST_HZ and int(value) > 0:
-                        guest_hz = int(value)
+                        meta.guest_hz = int(value)
                     elif name == COUNTER_CLOCK_HZ and int(value) > 0:
-                        counter_hz = int(value)
+                        meta.counter_hz = int(value)
+        t = max(t, info.t_last)
+    return meta
+
+
+def phases_of(meta: TraceMeta, t_end: int) -> list[Phase]:
+    """The marked phases, in order (see ``Phase``)."""
+    out: list[Phase] = []
+    cur: tuple[str, int] | None = None
+    for t, op, name in meta.marks:
+        if cur is not None:
+            out.append(Phase(cur[0], cur[1], t))
+            cur = None
+        if op == MarkOp.PHASE:
+            cur = (name, t)
+    if cur is not None:
+        out.append(Phase(cur[0], cur[1], t_end))
+    return [p for p in out if p.t_end > p.t_start or p.t_end == t_end]
+
+
+def read_time_base(trace: Trace, meta: TraceMeta | None = None) -> TimeBase:
+    """A trace's time base from its clock counters (``scan_meta``)."""
+    meta = meta or scan_meta(trace)
+    ts, ns = meta.knot_t, meta.knot_ns
     t_end = trace.chunks[-1].t_last if trace.chunks else trace.t_begin
     header_hz = trace.header.get("clock_hz")
     if header_hz:
         hz: float | None = float(header_hz)
         source = "header clock_hz"
-    elif counter_hz:
-        hz, source = float(counter_hz), f"counter {COUNTER_CLOCK_HZ}"
+    elif meta.counter_hz:
+        hz, source = float(meta.counter_hz), f"counter {COUNTER_CLOCK_HZ}"
     elif trace.clock_unit == "ns":
         hz, source = 1e9, "clock unit ns"
     else:
@@ -209,4 +257,4 @@ def read_time_base(trace: Trace) -> TimeBase:
             hz, source = clock.hz, "the knots' mean rate"
     if clock is None and trace.clock_unit == "ns":
         clock = GuestClock(1e9)
-    return TimeBase(trace.clock_unit, trace.t_begin, t_end, clock, hz, source, guest_hz)
+    return TimeBase(trace.clock_unit, trace.t_begin, t_end, clock, hz, source, meta.guest_hz)
