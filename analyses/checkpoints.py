@@ -25,10 +25,15 @@ from memtrace.traces.writer import BlockBuffer, append_chunks, records
 
 
 def state_blocks(st: ReplayState) -> BlockBuffer:
-    """The state as records: TIME, STATE_BEGIN(reset), tasks, VMAs, page cache, mappings, pages."""
+    """The state as records: TIME, STATE_BEGIN(reset), counters, losses, tasks, VMAs, page cache,
+    mappings, pages."""
     b = BlockBuffer()
     b.add(Kind.TIME, records(Kind.TIME, t=st.t))
     b.add(Kind.MARK, records(Kind.MARK, op=MarkOp.STATE_BEGIN, name=b.string(None), arg=1))
+    for name, value in st.counters.items():  # each counter's latest value
+        b.add(Kind.COUNTER, records(Kind.COUNTER, name=b.string(name), value=value))
+    for source, count in st.lost.items():    # losses so far, by source
+        b.add(Kind.LOST, records(Kind.LOST, source=source, count=count))
     for t in st.tasks.values():
         b.add(Kind.TASK, records(Kind.TASK, op=TaskOp.EXISTING, pid=t.pid, tgid=t.tgid,
                                  ppid=t.ppid, mm=t.mm, name=b.string(t.comm)))

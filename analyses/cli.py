@@ -19,6 +19,7 @@ from memtrace.analyses.base import Analysis, Interval, Result, UsageError
 from memtrace.analyses.engine import Replay
 from memtrace.analyses.registry import ANALYSES
 from memtrace.analyses.report import describe, render_csv, render_json, render_text
+from memtrace.traces.format import events_lost, lost_source_name
 from memtrace.traces.reader import TraceError, open_trace
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "traces" / "samples"
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print a hex dump of one content from the trace's content store and "
                          "exit (HASH: 32 hex digits or a unique prefix, as --top prints them)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--progress", action="store_true",
+                    help="show the progress bar even when stderr is not a terminal (logs)")
     for cls in ANALYSES:
         cls.add_arguments(ap)
     return ap
@@ -95,8 +98,9 @@ def run(argv: list[str] | None = None) -> int:
         for w in trace.warnings:
             print(f"warning: {w}", file=sys.stderr)
         seen = len(trace.warnings)
-        replay = Replay(trace, analyses, salvage=a.salvage,
-                        progress=None if not a.quiet else False, interval=a.interval)
+        progress = True if a.progress else (False if a.quiet else None)
+        replay = Replay(trace, analyses, salvage=a.salvage, progress=progress,
+                        interval=a.interval)
         replay.run()
     except UsageError as e:
         return fail(str(e), 2)
@@ -106,10 +110,12 @@ def run(argv: list[str] | None = None) -> int:
     if st.incomplete:
         print(f"warning: {path}: the recorder marked this trace incomplete: {st.incomplete}",
               file=sys.stderr)
-    lost = sum(st.lost.values())
+    lost = events_lost(st.lost)
     if lost:
-        print(f"warning: {path}: {lost} guest events were lost while recording (by source: "
-              f"{st.lost})", file=sys.stderr)
+        names = ", ".join(f"{lost_source_name(k)}: {v:,}" for k, v in sorted(st.lost.items()))
+        print(f"warning: {path}: {lost:,} guest events were lost while recording (LOST "
+              f"records: {names}; ring-full drops also show as sequence gaps, so the larger of "
+              "the two counts)", file=sys.stderr)
     results: list[Result] = [x.result() for x in analyses]
     if a.format == "text":
         out = render_text(results, replay.context, path)

@@ -120,9 +120,10 @@ class Replay:
 
     def _replay(self, infos: Sequence[ChunkInfo], until: int | None) -> None:
         total = sum(c.payload_len for c in infos)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="replay", disable=not self.progress,
-                   file=sys.stderr, leave=False)
+        bar = None
         try:
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="replay",
+                       disable=not self.progress, file=sys.stderr, leave=False)
             for chunk in self._chunks(infos):
                 going = self.apply_chunk(chunk, until)
                 bar.update(chunk.info.payload_len)
@@ -135,7 +136,8 @@ class Replay:
                 f"{self.trace.path}: interrupted at time {self.state.t}; results cover the trace "
                 "up to there")
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
 
     def finish(self) -> ReplayState:
         self.state.end_instant()
@@ -168,6 +170,10 @@ def state_digest(st: ReplayState) -> dict[str, object]:
                              strict=True)),
         "named": dict(sorted(st.file_of.items())),
         "spaces": {mm: sp.pages for mm, sp in st.spaces.items() if sp.npages},
+        "vmas": {mm: sorted((v.start, v.end, v.vm_flags, v.pgoff, v.ino, v.dev, v.path)
+                            for v in sp.vmas.values())
+                 for mm, sp in st.spaces.items() if sp.vmas},
         "tasks": {pid: (t.tgid, t.comm, t.mm) for pid, t in st.tasks.items()},
+        "counters": dict(sorted(st.counters.items())),
         "figures": st.figures(),
     }

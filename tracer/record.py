@@ -297,20 +297,31 @@ class Recorder:
             print(f"trace-record: warning: the scenario exited with rc={m.group(1)}",
                   file=sys.stderr)
         if a.verify and not a.no_plugin:
-            from memtrace.tracer.verify import verify, verify_writes
-
             image = run.stop_image_path if run.stop_image_path.exists() else run.ram_path
-            res = verify(out, image, (MAILBOX_PHYS, MAILBOX_SIZE),
-                         progress=not a.quiet and sys.stderr.isatty())
-            print(res.summary(), file=sys.stderr)
-            if not res.ok:
-                return 3
-            if a.mode == "writes":
-                wres = verify_writes(out, image, (MAILBOX_PHYS, MAILBOX_SIZE))
-                print(wres.summary(), file=sys.stderr)
-                if not wres.ok:
-                    return 3
+            status = verification_status(out, image, a.mode, (MAILBOX_PHYS, MAILBOX_SIZE),
+                                         quiet=a.quiet)
+            if status:
+                return status
         return 0 if not self.stop_reason else 4
+
+
+def verification_status(out: Path, image: Path, mode: str,
+                        exclude: tuple[int, int] | None, quiet: bool = False) -> int:
+    """--verify: compare the trace's final state (and in writes mode every byte its WRITE and
+    UNSEEN records touched) with guest RAM as it was when tracing stopped; print what was
+    found; 3 if anything differs, else 0."""
+    from memtrace.tracer.verify import verify, verify_writes
+
+    res = verify(out, image, exclude, progress=not quiet and sys.stderr.isatty())
+    print(res.summary(), file=sys.stderr)
+    if not res.ok:
+        return 3
+    if mode == "writes":
+        wres = verify_writes(out, image, exclude)
+        print(wres.summary(), file=sys.stderr)
+        if not wres.ok:
+            return 3
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

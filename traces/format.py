@@ -89,6 +89,24 @@ class LostSource(IntEnum):
     TRACER_BUFFER = 3
 
 
+def lost_source_name(source: int) -> str:
+    """``agent_ring_full`` etc., or the number of a source this version does not know."""
+    try:
+        return LostSource(source).name.lower()
+    except ValueError:
+        return f"source {source}"
+
+
+def events_lost(lost: dict[int, int]) -> int:
+    """Guest events lost, from the LOST counts by source (FORMAT.md, LOST): an event the agent
+    dropped for a full ring (source 1) also leaves a gap in the sequence numbers (source 2), so
+    the two overlap and the larger sum counts; the tracer's own losses (3) add."""
+    agent = max(lost.get(LostSource.AGENT_RING_FULL, 0), lost.get(LostSource.AGENT_SEQ_GAP, 0))
+    others = sum(v for k, v in lost.items()
+                 if k not in (LostSource.AGENT_RING_FULL, LostSource.AGENT_SEQ_GAP))
+    return agent + others
+
+
 # COUNTER names with a meaning the format defines (FORMAT.md, "Counters")
 #: the guest's CLOCK_MONOTONIC in ns, written by the guest agent every 100 ms
 COUNTER_GUEST_CLOCK_NS = "guest.clock_ns"
