@@ -35,6 +35,7 @@ from memtrace.traces.format import (
     MarkOp,
     pad8,
 )
+from memtrace.traces.private import create_private, make_private
 
 DEFAULT_CHUNK_BYTES = 4 << 20
 
@@ -117,13 +118,20 @@ class TraceWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], header: dict[str, Any],
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, level: int = 3) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, level: int = 3,
+                 private: bool = False) -> None:
+        """``private``: the trace will hold page contents; create it 0600 from the start
+        (``memtrace.traces.private``). A trace given contents later is narrowed to 0600 before
+        the first one is written."""
         self.path = os.fspath(path)
         self.header = {"format_version": FORMAT_VERSION, "page_size": 4096, "hash": "xxh3_128",
                        "clock_unit": "instructions", **header}
         self.chunk_bytes = chunk_bytes
         self._cctx = zstandard.ZstdCompressor(level=level)
-        self._f: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self.private = private
+        fd = create_private(self.path) if private else os.open(
+            self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        self._f: BinaryIO = os.fdopen(fd, "wb")
         self._f.write(encode_header(self.header))
         self._index: list[tuple[int, int, int, int, int, int]] = []
         self._buf = BlockBuffer()
@@ -200,6 +208,9 @@ class TraceWriter:
         key = (int(hash_lo), int(hash_hi))
         if key in self._contents:
             return
+        if not self.private:
+            make_private(self._f.fileno())  # page bytes are the owner's alone
+            self.private = True
         self._contents.add(key)
         self._pending_content.append((key[0], key[1], bytes(data)))
         if len(self._pending_content) * 4096 >= self.chunk_bytes:
