@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from memtrace.analyses.attribution import AttributionAnalysis
 from memtrace.analyses.base import Analysis
-from memtrace.analyses.ksm import KsmAnalysis
+from memtrace.analyses.ksm.analysis import KsmAnalysis
 from memtrace.analyses.oracle import OracleAnalysis
 from memtrace.analyses.sharing import SharingAnalysis
 from memtrace.analyses.snapshots import SnapshotVsContinuous

@@ -23,8 +23,8 @@ import time
 import numpy as np
 
 from memtrace.analyses.engine import Replay  # noqa: E402
-from memtrace.analyses.ksm import VM_MERGEABLE, KsmAnalysis  # noqa: E402
-from memtrace.traces.format import MAP_PRESENT, VmaOp  # noqa: E402
+from memtrace.analyses.ksm.analysis import KsmAnalysis  # noqa: E402
+from memtrace.traces.format import MAP_PRESENT, VM_MERGEABLE, VmaOp  # noqa: E402
 from memtrace.traces.reader import open_trace  # noqa: E402
 from memtrace.traces.writer import TraceWriter  # noqa: E402
 
@@ -117,7 +117,7 @@ def main() -> None:
         kh = KsmAnalysis(pages_to_scan=a.pages_to_scan, sleep_ms=a.sleep_ms, hints=True)
         both = timed(path, [kh])
         print(f"--ksm with the hinted twin (2 models): {both:7.2f} s  ({both / plain:.2f}x plain)")
-        from memtrace.analyses.ksm import parse_sweep
+        from memtrace.analyses.ksm.params import parse_sweep
 
         sweep = parse_sweep(a.sweep)
         ks = KsmAnalysis(pages_to_scan=a.pages_to_scan, sleep_ms=a.sleep_ms, sweep=sweep,

@@ -19,9 +19,11 @@ from hypothesis import strategies as hs
 
 from memtrace.analyses.base import Analysis
 from memtrace.analyses.engine import Replay
-from memtrace.analyses.ksm import VM_MERGEABLE, ItemSpace, KsmAnalysis, parse_sweep
+from memtrace.analyses.ksm.analysis import KsmAnalysis
+from memtrace.analyses.ksm.items import ItemSpace
+from memtrace.analyses.ksm.params import parse_sweep
 from memtrace.analyses.state import ReplayState
-from memtrace.traces.format import MarkOp, TaskOp, VmaOp
+from memtrace.traces.format import VM_MERGEABLE, MarkOp, TaskOp, VmaOp
 from memtrace.traces.reader import open_trace
 from tests.helpers import Builder
 
@@ -516,7 +518,7 @@ def test_synthetic_sample_terminal_server(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 class Reference(Analysis):
-    """ksmd as a direct transcription of the semantics documented in analyses/ksm.py, page by
+    """ksmd as a direct transcription of the semantics documented in analyses/ksm/, page by
     page (anon scope, no VMAs, no kernel zero page, no page moves): checks the vectorized
     model."""
 

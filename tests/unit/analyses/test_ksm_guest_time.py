@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from memtrace.analyses.guestclock import GuestClock
-from memtrace.analyses.ksm import VM_MERGEABLE, cycle_ms
-from memtrace.traces.format import MarkOp, VmaOp
+from memtrace.analyses.ksm.params import cycle_ms
+from memtrace.traces.format import VM_MERGEABLE, MarkOp, VmaOp
 from tests.helpers import Builder
 from tests.unit.analyses.test_ksm import run, series
 
