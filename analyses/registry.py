@@ -3,7 +3,7 @@ list it here; neither the engine nor the command line changes."""
 
 from __future__ import annotations
 
-from memtrace.analyses.attribution import AttributionAnalysis
+from memtrace.analyses.attribution.analysis import AttributionAnalysis
 from memtrace.analyses.base import Analysis
 from memtrace.analyses.ksm.analysis import KsmAnalysis
 from memtrace.analyses.oracle import OracleAnalysis

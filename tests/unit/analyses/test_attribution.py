@@ -1,4 +1,4 @@
-"""Attribution (analyses/attribution.py): known answers on hand-built traces, a real ELF file,
+"""Attribution (analyses/attribution/): known answers on hand-built traces, a real ELF file,
 the shipped sample, and the command line (--by, --top, --show-page)."""
 
 from __future__ import annotations
@@ -13,17 +13,13 @@ from typing import Any
 
 import pytest
 
-from memtrace.analyses.attribution import (
-    ZERO_HASH,
-    AttributionAnalysis,
-    GuestFiles,
-    hexdump,
-    resolve_in_root,
-)
+from memtrace.analyses.attribution.analysis import AttributionAnalysis
+from memtrace.analyses.attribution.guestfiles import GuestFiles, resolve_in_root
+from memtrace.analyses.attribution.showpage import hexdump
 from memtrace.analyses.engine import Replay
 from memtrace.analyses.sharing import SharingAnalysis
 from memtrace.traces.format import PageCacheOp, TaskOp, VmaOp
-from memtrace.traces.pagehash import page_hash
+from memtrace.traces.pagehash import ZERO_HASH, page_hash
 from memtrace.traces.reader import open_trace
 from memtrace.traces.synthetic import generate
 from tests.helpers import Builder
