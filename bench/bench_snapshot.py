@@ -94,7 +94,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             for run in range(a.runs):
                 out = os.path.join(d, f"b{run}.mtr")
-                cmd = [sys.executable, "-m", "memtrace.snapshot.snapshot", "--pid", str(child.pid),
+                cmd = [sys.executable, "-m", "memtrace.snapshot", "--pid", str(child.pid),
                        "-o", out, "-q"] + (["--store-contents"] if a.store_contents else [])
                 t = time.perf_counter()
                 r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

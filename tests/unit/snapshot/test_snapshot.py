@@ -41,7 +41,8 @@ PAGE = 4096
 
 
 def _require_kernel() -> None:
-    assert os.geteuid() == 0, "tests/test_snapshot.py must run as root (CI runs it as root)"
+    assert os.geteuid() == 0, ("tests/unit/snapshot/test_snapshot.py must run as root (CI runs "
+                               "it as root)")
     if not os.path.exists("/proc/kpageflags"):
         pytest.skip("this kernel has no /proc/kpageflags (CONFIG_PROC_PAGE_MONITOR off)")
 
@@ -54,14 +55,14 @@ def _kernel() -> None:
 # -- helpers -------------------------------------------------------------------------------------
 def snapshot(*args: Any, timeout: float = 300, **kw: Any) -> subprocess.CompletedProcess[str]:
     """Run trace-snapshot as a user would; never a traceback."""
-    p = subprocess.run([sys.executable, "-m", "memtrace.snapshot.snapshot", *map(str, args)],
+    p = subprocess.run([sys.executable, "-m", "memtrace.snapshot", *map(str, args)],
                        cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw)
     assert "Traceback" not in p.stderr, p.stderr
     return p
 
 
 def start_snapshot(*args: Any, **kw: Any) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "memtrace.snapshot.snapshot", *map(str, args)],
+    return subprocess.Popen([sys.executable, "-m", "memtrace.snapshot", *map(str, args)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **kw)
 
@@ -312,17 +313,18 @@ def test_kpageflags_of_known_frames() -> None:
 
 def test_pagemap_scan_matches_plain_pagemap(children: list[Child], tmp_path: Path) -> None:
     """The PAGEMAP_SCAN fast path (6.7+) finds exactly the pages a plain pagemap read finds."""
-    from memtrace.snapshot import snapshot as snap
+    from memtrace.snapshot import layout
+    from memtrace.snapshot.stop import Target
 
     f = tmp_path / "orig"
     f.write_bytes(file_pages(8))
     (tmp_path / "copy").write_bytes(file_pages(8))
     c = Child(REGIONS, 16, 8, 8, f, tmp_path / "copy")
     children.append(c)
-    t = snap.Target(c.pid, "python", os.getpid())
-    a = snap.read_layout(t, use_scan=True)
-    b = snap.read_layout(t, use_scan=False)
-    if snap._scan_supported is False:
+    t = Target(c.pid, "python", os.getpid())
+    a = layout.read_layout(t, use_scan=True)
+    b = layout.read_layout(t, use_scan=False)
+    if layout._scan_supported is False:
         pytest.skip("this kernel has no PAGEMAP_SCAN (before 6.7): only the plain path exists")
     assert np.array_equal(a.vpn, b.vpn) and np.array_equal(a.pfn, b.pfn)
     assert np.array_equal(a.vma, b.vma) and len(a.vpn) > 100
@@ -330,15 +332,17 @@ def test_pagemap_scan_matches_plain_pagemap(children: list[Child], tmp_path: Pat
 
 def test_hasher_survives_a_vanished_process() -> None:
     """Pages of a process that is gone by the time they are read come back as not read."""
-    from memtrace.snapshot import snapshot as snap
+    from memtrace.snapshot.layout import ProcDump
+    from memtrace.snapshot.read import Hasher
+    from memtrace.snapshot.stop import Target
 
     pid = 4_000_000
     while os.path.exists(f"/proc/{pid}"):
         pid += 1
-    d = snap.ProcDump(snap.Target(pid, "gone", 1), [], np.arange(100, 110, dtype=np.uint64),
-                      np.zeros(10, np.uint64), np.zeros(10, np.int32))
+    d = ProcDump(Target(pid, "gone", 1), [], np.arange(100, 110, dtype=np.uint64),
+                 np.zeros(10, np.uint64), np.zeros(10, np.int32))
     for store in (False, True):
-        h = snap.Hasher(store, False)
+        h = Hasher(store, False)
         lo, hi, ok = h.run([d], d.vpn, np.zeros(10, np.int32), np.ones(10, bool))
         assert len(ok) == 10 and not ok.any() and h.contents() == {}
 
@@ -896,7 +900,7 @@ def in_child(fn: Any, argv: list[str]) -> tuple[int, str]:
 
     Forked rather than executed so that the child can drop privileges without needing to
     execute the interpreter again (root's home, where it lives, is not open to others)."""
-    from memtrace.snapshot import snapshot as snap
+    from memtrace.snapshot.cli import main
 
     r, w = os.pipe()
     pid = os.fork()
@@ -907,7 +911,7 @@ def in_child(fn: Any, argv: list[str]) -> tuple[int, str]:
             os.dup2(w, 2)
             sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - pytest captured it
             fn()
-            snap.main(argv)
+            main(argv)
         except SystemExit as e:
             code = int(e.code or 0)
         except BaseException as e:  # noqa: BLE001 - report anything to the parent
@@ -981,13 +985,13 @@ def test_hidden_frame_numbers(children: list[Child], tmp_path: Path) -> None:
 def test_kernel_without_kpageflags(children: list[Child], tmp_path: Path,
                                    monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from memtrace.snapshot import snapshot as snap
+    from memtrace.snapshot.cli import main
 
     c = Child(IDLE)
     children.append(c)
     monkeypatch.setattr(procfs, "KPAGEFLAGS", str(tmp_path / "no-kpageflags"))
     with pytest.raises(SystemExit) as e:
-        snap.main(["--pid", str(c.pid), "-o", str(tmp_path / "x.mtr")])
+        main(["--pid", str(c.pid), "-o", str(tmp_path / "x.mtr")])
     assert e.value.code == 1
     err = [x for x in capsys.readouterr().err.splitlines() if x]
     assert len(err) == 1 and "CONFIG_PROC_PAGE_MONITOR" in err[0]
