@@ -43,7 +43,8 @@ def draw(path: str, offered: Sequence[tuple[Analysis, list[Plot]]], ctx: Context
     if not panels:
         raise PlotError("none of the chosen analyses draws a picture (--sharing, --oracle "
                         "and --ksm do)")
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 4.8 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 4.8 * len(panels)), squeeze=False,
+                             layout="constrained")
     for ax, (_name, plots) in zip(axes[:, 0], panels.items(), strict=True):
         for p in plots:
             p.draw(ax)
@@ -58,7 +59,6 @@ def draw(path: str, offered: Sequence[tuple[Analysis, list[Plot]]], ctx: Context
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
     fig.suptitle(title)
-    fig.tight_layout()
     try:
         fig.savefig(path, dpi=110)
     except OSError as e:

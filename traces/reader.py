@@ -318,6 +318,10 @@ class Trace:
             self._time_base = read_time_base(self, self._meta())
         return self._time_base
 
+    def clock_hz_counter(self) -> int | None:
+        """The recorder's ``tracer.clock_hz`` counter, if the trace has one."""
+        return self._meta().counter_hz
+
     def phases(self) -> list[Phase]:
         """The phases the workload marked (MARK PHASE), with their spans in trace time."""
         return phases_of(self._meta(), self.t_end)

@@ -4,10 +4,10 @@ its report."""
 from __future__ import annotations
 
 import argparse
-import sys
+import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +34,16 @@ from memtrace.analyses.attribution.tables import (
     views_of,
     zero_self,
 )
-from memtrace.analyses.base import Analysis, Result, Table, positive_int
+from memtrace.analyses.base import (
+    Analysis,
+    Context,
+    Interval,
+    Plot,
+    Result,
+    Table,
+    UsageError,
+    positive_int,
+)
 from memtrace.analyses.state import ReplayState
 from memtrace.traces.format import Kind
 
@@ -42,8 +51,8 @@ VIEWS = ("task", "file", "section", "kind")
 
 
 class _Select(argparse.Action):
-    """Stores an attribution option and selects the analysis, so that ``--by task`` or
-    ``--top 10`` alone runs it (trace-analyze selects analyses by their store_true switch)."""
+    """Stores an attribution option: ``--by`` accumulates views, ``--average`` is a switch.
+    Any of them asks for the analysis (``AttributionAnalysis.selected``)."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
@@ -62,13 +71,6 @@ class _Select(argparse.Action):
         elif self.dest == "attr_average":
             values = True
         setattr(namespace, self.dest, values)
-        setattr(namespace, f"run_{AttributionAnalysis.name}", True)
-
-
-def _usage_error(msg: str) -> NoReturn:
-    """Options are checked when the analysis is built, after parsing: exit as argparse would."""
-    print(f"trace-analyze: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 class AttributionAnalysis(Analysis):
@@ -88,8 +90,6 @@ class AttributionAnalysis(Analysis):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        from memtrace.analyses.base import parse_time
-
         g = parser.add_argument_group(
             "attribution (--attribution; --by and --top select it too)")
         g.add_argument("--by", dest="attr_by", action=_Select, metavar="VIEW[,VIEW]",
@@ -102,10 +102,11 @@ class AttributionAnalysis(Analysis):
                        default=None,
                        help="the K most duplicated contents and their copies' owners")
         when = g.add_mutually_exclusive_group()
-        when.add_argument("--at", dest="attr_at", action=_Select, type=parse_time, metavar="T",
-                          default=None,
-                          help="attribute the state at time T (default: the sample with the "
-                               "most frames mapped)")
+        when.add_argument("--at", dest="attr_at", action=_Select, type=Interval.parse,
+                          metavar="T", default=None,
+                          help="attribute the state at time T: trace time in clock units (e.g. "
+                               "9.4G) or guest seconds after the trace's first instant (e.g. "
+                               "2.5s); default: the sample with the most frames mapped")
         when.add_argument("--average", dest="attr_average", action=_Select, nargs=0,
                           default=False,
                           help="average the attribution over samples every --interval")
@@ -117,6 +118,13 @@ class AttributionAnalysis(Analysis):
                             "* matches one component (e.g. /zi/*/lib=/usr/lib); repeatable")
 
     @classmethod
+    def selected(cls, args: argparse.Namespace) -> bool:
+        """``--attribution``, or any of its own options: ``--by task`` alone runs it."""
+        return super().selected(args) or any(
+            getattr(args, k, None) not in (None, False)
+            for k in ("attr_by", "attr_top", "attr_at", "attr_average"))
+
+    @classmethod
     def from_args(cls, args: argparse.Namespace) -> AttributionAnalysis:
         views = getattr(args, "attr_by", None)
         top = getattr(args, "attr_top", None)
@@ -124,15 +132,16 @@ class AttributionAnalysis(Analysis):
             views, top = list(VIEWS), 10
         root = getattr(args, "guest_root", None)
         if root is not None and not Path(root).is_dir():
-            _usage_error(f"--guest-root {root}: not a directory")
+            raise UsageError(f"--guest-root {root}: not a directory")
         try:
             guest = GuestFiles(root, getattr(args, "guest_path_map", []) or [])
         except ValueError as e:
-            _usage_error(f"--guest-path-map: {e}")
+            raise UsageError(f"--guest-path-map: {e}") from None
         return cls(views or [], top or 0, getattr(args, "attr_at", None),
                    bool(getattr(args, "attr_average", False)), None, guest)
 
-    def __init__(self, views: Sequence[str] = VIEWS, top: int = 0, at: int | None = None,
+    def __init__(self, views: Sequence[str] = VIEWS, top: int = 0,
+                 at: Interval | int | None = None,
                  average: bool = False, interval: int | None = None,
                  guest: GuestFiles | None = None) -> None:
         self.views = list(views)
@@ -148,12 +157,20 @@ class AttributionAnalysis(Analysis):
         self.att: Attribution | None = None
         self.at_note: str | None = None
 
-    def begin(self, replay: Any) -> None:
-        super().begin(replay)
-        tr = replay.trace
-        self.grid = replay.grid(100, self.interval)
+    def begin(self, ctx: Context) -> None:
+        super().begin(ctx)
+        tr = ctx.trace
+        self.grid = ctx.grid(100, self.interval)
         self.interval = self.grid.step
         self.attributor.guest.traced_with(tr.header.get("guest_image"))
+        if isinstance(self.at, Interval):
+            if self.at.seconds:
+                if not ctx.time.seconds:
+                    raise UsageError(f"--at {self.at}: {tr.path} has no guest clock; give the "
+                                     f"time in {tr.clock_unit}")
+                self.at = math.ceil(ctx.time.to_clock(self.at.value))
+            else:
+                self.at = int(self.at.value)
 
     def on_records(self, st: ReplayState, kind: int, records: np.ndarray, chunk: Any) -> None:
         if kind == Kind.VMA:
@@ -223,6 +240,9 @@ class AttributionAnalysis(Analysis):
                                  else "the sample with the most frames mapped")
             r.summary["t"] = att.t
             r.units["t"] = unit
+            if self.ctx.time.seconds:
+                r.summary["seconds"] = round(float(self.ctx.time.to_seconds(att.t)), 3)
+                r.units["seconds"] = "guest seconds after the trace's first instant"
             r.summary["mapped_frames"] = att.mapped_frames
             r.summary["shared_contents"] = att.shared_contents
             r.summary["unknown_content_frames"] = att.unknown_frames
@@ -319,3 +339,40 @@ class AttributionAnalysis(Analysis):
             "common address spaces, s copies in its group); a frame mapped by k spaces is "
             "split 1/k each")
         return r
+
+    def plots(self, result: Result) -> list[Plot]:
+        """Who holds the saved pages: stacked bars of self and cross sharing by memory kind,
+        by executable and by file (the largest first)."""
+        out: list[Plot] = []
+        where = ("averaged over samples" if self.average else
+                 "at --at T" if self.at is not None else "at the peak")
+        for table, key, title in (("by_kind", "kind", "memory kind"),
+                                  ("by_exe", "exe", "executable"),
+                                  ("by_file", "file", "file")):
+            t = result.tables.get(table)
+            if t is None or not t.rows:
+                continue
+            rows = t.rows[:ATTRIBUTION_BARS]
+            names = [_short(str(v)) for v in t.column(key)[:ATTRIBUTION_BARS]]
+            self_, cross = (t.column("saved_self")[:len(rows)],
+                            t.column("saved_cross")[:len(rows)])
+
+            def draw(ax: Any, names: list[str] = names, self_: list[float] = self_,
+                     cross: list[float] = cross) -> None:
+                y = list(range(len(names)))[::-1]
+                ax.barh(y, self_, color="tab:blue", label="saved within one address space")
+                ax.barh(y, cross, left=self_, color="tab:orange",
+                        label="saved between address spaces")
+                ax.set_yticks(y, names, fontsize="small")
+                ax.set_xlabel("pages saved")
+
+            out.append(Plot(f"attribution-{key}", f"who holds the saved pages: by {title} "
+                            f"({where})", draw, time_axis=False))
+        return out
+
+
+ATTRIBUTION_BARS = 12
+
+
+def _short(name: str, width: int = 48) -> str:
+    return name if len(name) <= width else "..." + name[-(width - 3):]

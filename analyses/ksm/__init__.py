@@ -114,7 +114,7 @@ The package, one module per concern: ``params`` (a parameter set, the sysfs knob
 parsers), ``series`` (time-weighted values), ``items`` (the rmap items in scope, their layout,
 the scope rule and the scope oracle), ``model`` (one ksmd: scanning, the stable and unstable
 trees, counters), ``hinted`` (the XLH-style scanner), ``analysis`` (``KsmAnalysis``: options,
-replay hooks, results), ``plot`` (``--plot-ksm``).
+replay hooks, results), ``plot`` (its panels for ``--plot``).
 """
 
 from __future__ import annotations

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from memtrace.analyses.base import Analysis, Result, Table, positive_int
-from memtrace.analyses.guestclock import GUEST_CLOCK_COUNTER, GUEST_HZ_COUNTER, GuestClock
+from memtrace.analyses.base import Analysis, Context, Plot, Result, Table, positive_int
 from memtrace.analyses.ksm.hinted import HintedModel
 from memtrace.analyses.ksm.items import ItemSpace
 from memtrace.analyses.ksm.model import RMAP_ITEM_BYTES, SCAN_ROWS_MAX, KsmModel
@@ -23,20 +21,18 @@ from memtrace.analyses.ksm.params import (
     parse_sweep,
     positive_float,
 )
-from memtrace.analyses.ksm.plot import plot_ksm
+from memtrace.analyses.ksm.plot import ksm_plots
 from memtrace.analyses.ksm.series import Series
 from memtrace.analyses.timeline import pages_to_mib
-from memtrace.traces.format import Kind, MarkOp
+from memtrace.traces.format import COUNTER_CLOCK_HZ, COUNTER_GUEST_CLOCK_NS, Kind, MarkOp
+from memtrace.traces.timebase import GuestClock
 
 if TYPE_CHECKING:
-    from memtrace.analyses.engine import Replay
     from memtrace.analyses.state import ReplayState
     from memtrace.traces.reader import Chunk
 
 #: guest instructions per second assumed when the trace does not say (clock_unit instructions)
 DEFAULT_CLOCK_HZ = 1_000_000_000
-#: a recorder's estimate of clock units per second, written at the end of a recording
-CLOCK_COUNTER = "tracer.clock_hz"
 KERNEL_PREFIX = "ksm."
 COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "full_scans",
             "general_profit", "ksm_zero_pages")
@@ -89,19 +85,9 @@ class KsmAnalysis(Analysis):
                             "NAME (default: the start of the trace)")
         g.add_argument("--ksm-every-scan", action="store_true",
                        help="also tabulate the counters at the end of every full scan")
-        g.add_argument("--plot-ksm", metavar="FILE.png", default=None,
-                       help="draw KSM savings over time and against scan rate (matplotlib)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> KsmAnalysis:
-        plot = getattr(args, "plot_ksm", None)
-        if plot:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError:
-                print("trace-analyze: error: --plot-ksm needs matplotlib; install it with "
-                      "pip install 'memtrace[plot]'", file=sys.stderr)
-                raise SystemExit(2) from None
         return cls(pages_to_scan=args.ksm_pages_to_scan, sleep_ms=args.ksm_sleep_ms,
                    max_page_sharing=args.ksm_max_page_sharing,
                    use_zero_pages=args.ksm_use_zero_pages, scope=args.ksm_scope,
@@ -109,15 +95,14 @@ class KsmAnalysis(Analysis):
                    clock_hz=args.ksm_clock_hz, start=args.ksm_start,
                    guest_clock=not getattr(args, "ksm_no_guest_clock", False),
                    tick_hz=getattr(args, "ksm_hz", None),
-                   every_scan=args.ksm_every_scan,
-                   plot=plot)
+                   every_scan=args.ksm_every_scan)
 
     def __init__(self, pages_to_scan: int = 100, sleep_ms: float = 20.0,
                  max_page_sharing: int = 256, use_zero_pages: bool = False,
                  scope: str = "madvised", sweep: list[tuple[int, float]] | None = None,
                  hints: bool = True, clock_hz: float | None = None, start: str | None = None,
                  interval: int | None = None, every_scan: bool = False,
-                 plot: str | None = None, guest_clock: bool = True,
+                 guest_clock: bool = True,
                  tick_hz: int | None = None) -> None:
         if scope not in ("madvised", "anon"):
             raise ValueError(f"scope must be madvised or anon, not {scope!r}")
@@ -143,7 +128,6 @@ class KsmAnalysis(Analysis):
         self.start_arg = start
         self.interval = interval
         self.every_scan = every_scan
-        self.plot_path = plot
         self.space = ItemSpace(scope)
         self.models: list[KsmModel] = []
         self.samples: list[list[Any]] = []
@@ -157,19 +141,26 @@ class KsmAnalysis(Analysis):
         self.t_last = 0.0
         self.s_ceiling: Series | None = None
         self.s_global: Series | None = None
-        self.plotted = False
         self.clock_counter: int | None = None
 
     # -- set-up ------------------------------------------------------------------------------
-    def _clock(self, replay: Replay) -> tuple[float, str]:
-        """Clock units per guest second (and where that came from); also reads the guest's
-        own clock from the trace into ``self.gclock``."""
-        hz, source = self._clock_rate(replay)
-        self.gclock = GuestClock(hz)
-        if self.guest_clock or self.tick_hz_arg is None:
-            clock = self._read_guest_clock(replay.trace, hz)
-            if self.guest_clock:
-                self.gclock = clock
+    def _clock(self, ctx: Context) -> tuple[float, str]:
+        """Clock units per guest second (and where that came from), and the guest's own clock
+        (``self.gclock``), from the trace's time base (``memtrace.traces.timebase``); ksmd
+        sleeps in guest time, so its batches are placed through it."""
+        tb = ctx.time
+        if self.clock_hz_arg:
+            hz, source = float(self.clock_hz_arg), "--ksm-clock-hz"
+        elif tb.hz:
+            hz, source = float(tb.hz), tb.hz_source
+        else:
+            hz, source = float(DEFAULT_CLOCK_HZ), "assumed default (no clock_hz in the trace)"
+        self.trace_tick_hz = tb.guest_hz
+        self.clock_counter = ctx.trace.clock_hz_counter()
+        if self.guest_clock and tb.clock is not None and tb.clock.knots:
+            self.gclock = GuestClock(hz, tb.clock.t, tb.clock.g)
+        else:
+            self.gclock = GuestClock(hz)
         return hz, source
 
     @property
@@ -179,62 +170,11 @@ class KsmAnalysis(Analysis):
             return max(0, self.tick_hz_arg)
         return self.trace_tick_hz or 0
 
-    def _read_guest_clock(self, tr: Any, hz: float) -> GuestClock:
-        """The trace's ``guest.clock_ns`` counters, each at the trace time it was recorded. A
-        pass over the chunks before the replay (chunks without the name are skipped after
-        decompression): batches must be placed before the replay reaches them."""
-        ts: list[int] = []
-        gs: list[int] = []
-        t = tr.t_begin
-        for info in tr.chunks:
-            try:
-                ch = tr.read_chunk(info)
-            except Exception:  # noqa: BLE001 - the replay reports a damaged chunk
-                break
-            if GUEST_CLOCK_COUNTER not in ch.strings and GUEST_HZ_COUNTER not in ch.strings:
-                t = max(t, info.t_last)
-                continue
-            for kind, rec in ch.blocks:
-                if kind == Kind.TIME and len(rec):
-                    t = int(rec["t"][-1])
-                elif kind == Kind.COUNTER:
-                    for name_id, _pad, value in rec.tolist():
-                        name = ch.string(name_id)
-                        if name == GUEST_CLOCK_COUNTER:
-                            ts.append(t)
-                            gs.append(int(value))
-                        elif name == GUEST_HZ_COUNTER and int(value) > 0:
-                            self.trace_tick_hz = int(value)
-        return GuestClock.from_counters(hz, ts, gs)
-
-    def _clock_rate(self, replay: Replay) -> tuple[float, str]:
-        tr = replay.trace
-        if self.clock_hz_arg:
-            return float(self.clock_hz_arg), "--ksm-clock-hz"
-        hz = tr.header.get("clock_hz")
-        if hz:
-            return float(hz), "trace header clock_hz"
-        if tr.clock_unit == "ns":
-            return 1e9, "clock unit ns"
-        # a recorder that learns the rate only at the end writes a counter in the last chunks
-        for info in reversed(tr.chunks[-4:]):
-            try:
-                ch = tr.read_chunk(info)
-            except Exception:  # noqa: BLE001 - a damaged tail: fall back to the default
-                break
-            for kind, rec in ch.blocks:
-                if kind == Kind.COUNTER:
-                    for r in rec:
-                        if ch.string(int(r["name"])) == CLOCK_COUNTER and int(r["value"]):
-                            return float(r["value"]), "tracer.clock_hz counter"
-        return float(DEFAULT_CLOCK_HZ), "assumed default (no clock_hz in the trace)"
-
-    def begin(self, replay: Replay) -> None:
-        super().begin(replay)
-        self.hz, self.hz_source = self._clock(replay)
-        tr = replay.trace
-        self.page_size = tr.page_size
-        self.grid = replay.grid(100, self.interval)  # samples on the same grid as --sharing
+    def begin(self, ctx: Context) -> None:
+        super().begin(ctx)
+        self.hz, self.hz_source = self._clock(ctx)
+        self.page_size = ctx.page_size
+        self.grid = ctx.grid(100, self.interval)  # samples on the same grid as --sharing
         self.interval = self.grid.step.value
         self.space.all_dirty = True
 
@@ -312,8 +252,6 @@ class KsmAnalysis(Analysis):
         elif kind == Kind.COUNTER:
             for name_id, _pad, value in records.tolist():
                 name = chunk.string(name_id) or ""
-                if name == CLOCK_COUNTER:
-                    self.clock_counter = int(value)
                 if not name.startswith(KERNEL_PREFIX):
                     continue
                 key = name[len(KERNEL_PREFIX):]
@@ -466,9 +404,6 @@ class KsmAnalysis(Analysis):
         r.tables["sweep"] = self._sweep_table()
         self._kernel_comparison(r)
         self._notes(r)
-        if self.plot_path and not self.plotted:
-            self.plotted = True
-            plot_ksm(self, r)
         return r
 
     def _sweep_table(self) -> Table:
@@ -548,10 +483,13 @@ class KsmAnalysis(Analysis):
                            "was 0 at the first counter): use --ksm-start T or --ksm-start "
                            "phase:NAME to start the model with it")
 
+    def plots(self, result: Result) -> list[Plot]:
+        return ksm_plots(self, result)
+
     def _notes(self, r: Result) -> None:
         if self.gclock.knots:
             r.notes.append(f"guest time from the guest's own clock ({self.gclock.knots} "
-                           f"{GUEST_CLOCK_COUNTER} counters, interpolated; clock_hz = "
+                           f"{COUNTER_GUEST_CLOCK_NS} counters, interpolated; clock_hz = "
                            f"{self.hz:g} {self.replay.trace.clock_unit}/s outside them)")
         else:
             r.notes.append(f"guest time from clock_hz = {self.hz:g} "
@@ -562,7 +500,7 @@ class KsmAnalysis(Analysis):
                            f"{float(cycle_ms(sleep, self.tick_hz)):g} ms apart for "
                            f"sleep_millisecs={sleep:g} (rounded up, plus the jiffy the timer "
                            "wheel adds)")
-        if self.clock_counter and self.hz_source != "tracer.clock_hz counter" and \
+        if self.clock_counter and self.hz_source != f"counter {COUNTER_CLOCK_HZ}" and \
                 abs(self.clock_counter - self.hz) > 0.01 * self.hz:
             r.notes.append(f"the trace's tracer.clock_hz counter says {self.clock_counter}; "
                            "pass --ksm-clock-hz to use it")

@@ -23,9 +23,9 @@ from memtrace.analyses.ksm.params import KsmParams, cycle_ms
 from memtrace.analyses.ksm.series import Series
 
 if TYPE_CHECKING:
-    from memtrace.analyses.guestclock import GuestClock
     from memtrace.analyses.ksm.items import ItemSpace
     from memtrace.analyses.state import ReplayState
+    from memtrace.traces.timebase import GuestClock
 
 RMAP_ITEM_BYTES = 64  # sizeof(struct ksm_rmap_item) on x86-64
 MAX_SEGMENT = 1 << 18  # items processed per vectorized step

@@ -1,11 +1,13 @@
-"""``--plot-ksm``: savings over time, savings against scan rate, and the model against the guest's
-own KSM counters when the trace has them."""
+"""The KSM model's pictures (``trace-analyze --ksm --plot FILE``): savings over time, savings
+against scan rate, and the model against the guest's own KSM counters when the trace has them."""
 
 from __future__ import annotations
 
-import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from memtrace.analyses.base import Plot
 from memtrace.analyses.timeline import pages_to_mib
 
 if TYPE_CHECKING:
@@ -13,70 +15,54 @@ if TYPE_CHECKING:
     from memtrace.analyses.ksm.analysis import KsmAnalysis
 
 
-def plot_ksm(a: KsmAnalysis, r: Result) -> None:
-    """Draw the figures of ``a``'s result ``r`` into ``a.plot_path`` (a note in ``r`` if that
-    fails)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        r.notes.append("--plot-ksm: matplotlib is not installed")
-        return
+def ksm_plots(a: KsmAnalysis, r: Result) -> list[Plot]:
+    """The panels for ``a``'s result ``r``; series on the report's time axis."""
     ps = a.page_size
-    ps_rows = [x for x in a.compare_rows if x[1] == "pages_sharing"]
-    if ps_rows:
-        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(19, 5))
-        g0 = a.gclock.guest(a.t_first or 0)
-        gt = [x[5] - g0 for x in ps_rows]
-        a3.plot(gt, [x[2] for x in ps_rows], "k.-", label="kernel (COUNTER ksm.*)")
-        a3.plot(gt, [x[3] for x in ps_rows], "x--", label=f"model {a.models[0].p.label}")
-        a3.set_xlabel("guest time (s)")
-        a3.set_ylabel("pages_sharing")
-        a3.set_title("model against the guest's KSM")
-        a3.grid(alpha=0.3)
-        a3.legend()
-    else:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
+    x_of = a.ctx.time.x
+    out: list[Plot] = []
     s = r.tables["series"]
-    t = [a.gclock.span(a.t_first or 0, row[0]) for row in s.rows]
-    ci = s.columns.index
-    a1.plot(t, [pages_to_mib(row[ci("scope_oracle")], ps) for row in s.rows], "k--",
-            label="oracle (scope)", drawstyle="steps-post")
-    a1.plot(t, [pages_to_mib(row[ci("saved_pages")], ps) for row in s.rows],
-            label=f"KSM {a.models[0].p.label}", drawstyle="steps-post")
-    if "hinted_saved_pages" in s.columns:
-        a1.plot(t, [pages_to_mib(row[ci("hinted_saved_pages")], ps) for row in s.rows],
-                label=f"KSM {a.models[1].p.label}", drawstyle="steps-post")
-    a1.set_xlabel("guest time (s)")
-    a1.set_ylabel("memory saved (MiB)")
-    a1.set_title("savings over time")
-    a1.grid(alpha=0.3)
-    a1.legend()
+    if s.rows and a.models:
+        x = x_of(np.array(s.column("t"), dtype=np.float64))
+
+        def savings(ax: Any) -> None:
+            ax.plot(x, [pages_to_mib(v, ps) for v in s.column("scope_oracle")], "k--",
+                    label="oracle (scope)", drawstyle="steps-post")
+            ax.plot(x, [pages_to_mib(v, ps) for v in s.column("saved_pages")],
+                    label=f"KSM {a.models[0].p.label}", drawstyle="steps-post")
+            if "hinted_saved_pages" in s.columns:
+                ax.plot(x, [pages_to_mib(v, ps) for v in s.column("hinted_saved_pages")],
+                        label=f"KSM {a.models[1].p.label}", drawstyle="steps-post")
+
+        out.append(Plot("ksm-savings", "KSM model: memory saved over time", savings,
+                        ylabel="memory saved (MiB)"))
     sw = r.tables["sweep"]
-    j = sw.columns.index
-    for scanner, mark in (("linear", "o-"), ("hinted", "s--")):
-        pts = sorted((row[j("scan_rate")], row[j("saved_mean")]) for row in sw.rows
-                     if row[j("scanner")] == scanner)
-        if pts:
-            a2.plot([x for x, _ in pts], [pages_to_mib(y, ps) for _, y in pts], mark,
-                    label=scanner)
-    orc = [row for row in sw.rows if row[j("scanner")] == "ceiling"]
-    if orc:
-        a2.axhline(pages_to_mib(orc[0][j("saved_mean")], ps), color="black", ls="--",
-                   label="oracle (scope)")
-    a2.set_xscale("log")
-    a2.set_xlabel("scan rate (pages per guest second)")
-    a2.set_ylabel("mean memory saved (MiB)")
-    a2.set_title("savings against scan rate")
-    a2.grid(alpha=0.3)
-    a2.legend()
-    fig.tight_layout()
-    try:
-        fig.savefig(a.plot_path, dpi=110)
-        print(f"KSM plot written to {a.plot_path}", file=sys.stderr)
-    except OSError as e:
-        r.notes.append(f"--plot-ksm: cannot write {a.plot_path}: {e.strerror}")
-    finally:
-        plt.close(fig)
+    if sw.rows:
+        j = sw.columns.index
+
+        def rate(ax: Any) -> None:
+            for scanner, mark in (("linear", "o-"), ("hinted", "s--")):
+                pts = sorted((row[j("scan_rate")], row[j("saved_mean")]) for row in sw.rows
+                             if row[j("scanner")] == scanner)
+                if pts:
+                    ax.plot([p for p, _ in pts], [pages_to_mib(v, ps) for _, v in pts], mark,
+                            label=scanner)
+            orc = [row for row in sw.rows if row[j("scanner")] == "ceiling"]
+            if orc:
+                ax.axhline(pages_to_mib(orc[0][j("saved_mean")], ps), color="black", ls="--",
+                           label="oracle (scope)")
+            ax.set_xscale("log")
+            ax.set_xlabel("scan rate (pages per guest second)")
+
+        out.append(Plot("ksm-rate", "KSM model: mean memory saved against scan rate", rate,
+                        ylabel="mean memory saved (MiB)", time_axis=False))
+    rows = [x for x in a.compare_rows if x[1] == "pages_sharing"]
+    if rows and a.models:
+        xk = x_of(np.array([x[0] for x in rows], dtype=np.float64))
+
+        def kernel(ax: Any) -> None:
+            ax.plot(xk, [x[2] for x in rows], "k.-", label="kernel (COUNTER ksm.*)")
+            ax.plot(xk, [x[3] for x in rows], "x--", label=f"model {a.models[0].p.label}")
+
+        out.append(Plot("ksm-kernel", "KSM model against the guest's own KSM", kernel,
+                        ylabel="pages_sharing"))
+    return out

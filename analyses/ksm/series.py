@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from memtrace.analyses.guestclock import GuestClock
+from memtrace.traces.timebase import GuestClock
 
 
 class Series:

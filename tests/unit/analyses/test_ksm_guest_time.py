@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memtrace.analyses.guestclock import GuestClock
 from memtrace.analyses.ksm.params import cycle_ms
 from memtrace.traces.format import VM_MERGEABLE, MarkOp, VmaOp
+from memtrace.traces.timebase import GuestClock
 from tests.helpers import Builder
 from tests.unit.analyses.test_ksm import run, series
 
