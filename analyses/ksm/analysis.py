@@ -389,9 +389,9 @@ class KsmAnalysis(Analysis):
                 "guest_oracle"]
         if len(self.models) > 1 and self.models[1].p.scanner == "hinted":
             cols += ["hinted_pages_scanned", "hinted_saved_pages"]
-        r.tables["series"] = Table(cols, [list(x) for x in self.samples],
-                                   f"KSM {p.label} over time ({self.scope}; pages, "
-                                   "general_profit in bytes; savings in frames)")
+        r.tables["series"] = self.ctx.series(cols, [list(x) for x in self.samples],
+                                             f"KSM {p.label} over time ({self.scope}; pages, "
+                                             "general_profit in bytes; savings in frames)")
         if self.every_scan:
             r.tables["full_scans"] = Table(
                 ["t", "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
