@@ -56,12 +56,16 @@ def test_truncation_at_every_chunk_boundary_region(sample, tmp_path):
         except TraceError as e:
             assert cut < header_end, f"header region only: {e}"  # header cut: a clean error
             continue
-        Replay(tr, progress=False).run()  # never raises on a clean prefix
+        st = Replay(tr, progress=False).run()  # never raises on a clean prefix
         if cut < len(data) - 24:
             assert tr.truncated or not tr.complete_index
         if tr.truncated:
             assert any("cut short" in w for w in tr.warnings)
-    assert full["mmap_fork"] >= 0
+        # exactly the chunks whose payload lies before the cut are read
+        whole = [c for c in open_trace(sample).chunks if c.offset + 48 + c.payload_len <= cut]
+        assert len(tr.chunks) == len(whole), cut
+        if len(whole) == len(open_trace(sample).chunks):
+            assert st.figures() == full
 
 
 def test_random_corruption_never_crashes(sample, tmp_path):
