@@ -20,6 +20,7 @@ from memtrace.snapshot.selection import select
 from memtrace.snapshot.stop import LINGERING, Stopper
 from memtrace.snapshot.take import Options, Snapshot, check_kpageflags, take
 from memtrace.snapshot.write import write_snapshot
+from memtrace.traces.private import UnsafePath, check_output
 from memtrace.traces.writer import TraceWriter
 
 VERSION = "0.1.0"
@@ -113,6 +114,10 @@ def run(argv: list[str] | None = None) -> int:
     if a.no_contents and a.store_contents:
         raise SnapshotError("--store-contents and --no-contents exclude each other")
     count = a.count if a.count is not None else (None if a.every else 1)
+    try:
+        check_output(a.output)  # before any process is stopped
+    except UnsafePath as e:
+        raise SnapshotError(f"-o {a.output}: {e.strerror}") from None
     check_kpageflags()
     progress = not a.quiet and sys.stderr.isatty()
     opts = Options(contents=not a.no_contents, store=a.store_contents, stop=not a.no_stop,
@@ -135,7 +140,9 @@ def run(argv: list[str] | None = None) -> int:
         if series or top == 0:
             top = max(top, procfs.end_pfn())
         try:
-            return TraceWriter(a.output, _header(a, argv, top * PAGE))
+            # page contents are the snapshotted processes' secrets: owner-only from the start
+            return TraceWriter(a.output, _header(a, argv, top * PAGE),
+                               private=a.store_contents)
         except OSError as e:
             raise SnapshotError(f"cannot write {a.output}: {e.strerror}") from None
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -389,8 +390,13 @@ def test_known_figures(regions: dict[str, Any], tmp_path: Path) -> None:
     """
     kids = regions["kids"]
     out = tmp_path / "known.mtr"
-    p = snapshot("--pid", kids[0].pid, "--pid", kids[1].pid, "-o", out, "--store-contents")
+    old = os.umask(0)  # the most permissive: the stored pages must still be owner-only
+    try:
+        p = snapshot("--pid", kids[0].pid, "--pid", kids[1].pid, "-o", out, "--store-contents")
+    finally:
+        os.umask(old)
     assert p.returncode == 0, p.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
     for c in kids:
         assert_running(c.pid)
     r = records(out)
@@ -1017,3 +1023,21 @@ sys.stdin.read()
     line = one_line_error(snapshot("--pid", c.pid, "-o", tmp_path / "x.mtr"))
     assert "cannot ptrace" in line and str(c.pid) in line
     assert_running(c.pid)
+
+
+def test_refuses_an_output_another_user_controls(children: list[Child], tmp_path: Path) -> None:
+    """A name in a world-writable folder without the sticky bit, or another user's file: one
+    line, before any process is stopped."""
+    children.append(Child(IDLE))
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    line = one_line_error(snapshot("--pid", children[0].pid, "-o", open_dir / "s.mtr"))
+    assert "not sticky" in line
+    theirs = tmp_path / "theirs.mtr"
+    theirs.write_text("")
+    os.chown(theirs, 65534, 65534)
+    line = one_line_error(snapshot("--pid", children[0].pid, "-o", theirs))
+    assert "belongs to uid 65534" in line
+    assert theirs.read_text() == ""
+    assert_running(children[0].pid)
