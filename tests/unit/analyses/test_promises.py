@@ -36,6 +36,13 @@ def cli(*args, rc=0):
     return p
 
 
+def default_sigint() -> None:
+    """In the child: SIGINT back to its default action. A shell starts background jobs with
+    SIGINT ignored, and a Python started with SIGINT ignored installs no KeyboardInterrupt
+    handler: under ``pytest ... &`` the Ctrl-C would be lost and the replay run to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 # -- lost events ------------------------------------------------------------------------------
 def test_lost_sources_overlap_and_the_warning_says_so(tmp_path):
     """Five ring-full drops are also five sequence gaps: 5 events lost, not 10; the tracer's
@@ -179,7 +186,8 @@ def test_ctrl_c_gives_partial_results_and_status_130(tmp_path):
     busy_trace(p)
     proc = subprocess.Popen([sys.executable, "-m", "memtrace.analyses.cli", str(p),
                              "--progress", "--format", "json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=default_sigint)
     assert proc.stderr is not None
     seen = b""
     while not re.search(rb"t=[1-9][\d,]{4}", seen):  # the replay is beyond its first instants

@@ -1,0 +1,241 @@
+"""Mutation check of the core modules: faults put into the code on purpose, and whether the
+unit tests notice. Issue 20 found that faults put into the reader, the recorder's checks and the
+command line mostly left the suite green; this script measures that, per module, so that a
+promise no test can break shows up as a surviving mutant.
+
+    python bench/mutation.py [--modules reader,verify] [--sample 40] [--seed 20] [--keep]
+                             [--workdir /var/tmp/memtrace-mutation] [--rev HEAD] [--json OUT]
+
+How: cosmic-ray (PyPI ``cosmic-ray``) changes one operator, constant or keyword of a module in
+place, runs a test command and restores the file. Our package maps ``memtrace.*`` onto the
+repository's top-level folders through an editable install, so a tool that copies the sources
+elsewhere (mutmut 3's mutants/ folder) would test the unmutated files. This script therefore
+clones the committed tree (``--rev``, default HEAD: commit what you want measured) into a
+throwaway folder with its own venv (``pip install -e CLONE[test] cosmic-ray``), where in-place
+mutation is harmless, even if the run is killed half way.
+
+Per module the test command is the unit tests that exercise it (never the e2e suite), with
+``-x`` (a killed mutant stops at its first failing test) and a fixed Hypothesis seed (a mutant
+is killed or not, not by chance). A module with more mutants than ``--sample`` has a random
+sample of that many, drawn with ``--seed`` from its mutants in a fixed order; the output says
+so. A mutant whose tests run longer than the timeout (4x the unmutated run, plus 30 s) counts as
+killed, as cosmic-ray counts it. Everything runs under ``nice -n 19``: the machine is shared.
+
+This is not part of the test suite (a full run takes hours on two cores); README's "Testing"
+section has the latest score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# One line per core module: the unit tests that exercise it. Order matters with -x: the
+# fastest, most direct tests first, so that most mutants are killed in seconds.
+TESTS: dict[str, tuple[str, list[str]]] = {
+    "reader": ("traces/reader.py", [
+        "tests/unit/traces/test_reader.py", "tests/unit/traces/test_format_rules.py",
+        "tests/unit/analyses/test_promises.py"]),
+    "writer": ("traces/writer.py", [
+        "tests/unit/traces/test_reader.py", "tests/unit/traces/test_private.py",
+        "tests/unit/traces/test_format_rules.py", "tests/unit/analyses/test_promises.py"]),
+    "format": ("traces/format.py", [
+        "tests/unit/traces/test_format_doc.py", "tests/unit/traces/test_reader.py",
+        "tests/unit/traces/test_format_rules.py", "tests/unit/analyses/test_known_answers.py",
+        "tests/unit/analyses/test_promises.py"]),
+    "timebase": ("traces/timebase.py", [
+        "tests/unit/traces/test_timebase.py", "tests/unit/analyses/test_ksm_guest_time.py"]),
+    "engine": ("analyses/engine.py", [
+        "tests/unit/analyses/test_known_answers.py", "tests/unit/traces/test_format_rules.py",
+        "tests/unit/analyses/test_promises.py", "tests/unit/analyses/test_snapshots.py"]),
+    "state": ("analyses/state.py", [
+        "tests/unit/analyses/test_known_answers.py", "tests/unit/traces/test_format_rules.py",
+        "tests/unit/analyses/test_properties.py", "tests/unit/analyses/test_kernels.py"]),
+    "verify": ("tracer/verify.py", [
+        "tests/unit/tracer", "tests/unit/analyses/test_promises.py"]),
+    "cli": ("analyses/cli.py", [
+        "tests/unit/analyses/test_promises.py", "tests/unit/analyses/test_cli.py"]),
+    "report": ("analyses/report.py", [
+        "tests/unit/analyses/test_promises.py", "tests/unit/analyses/test_cli.py"]),
+}
+
+
+@dataclass
+class Score:
+    """One module's outcome: mutants drawn and run, killed, and the survivors' diffs."""
+
+    module: str
+    path: str
+    mutants: int
+    sampled: int
+    killed: int
+    survivors: list[dict[str, str]]
+    incompetent: int
+    seconds: float
+
+
+def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run a command under nice -n 19, failing loudly with its output."""
+    p = subprocess.run(["nice", "-n", "19", *cmd], capture_output=True, text=True, **kw)
+    if p.returncode != 0:
+        sys.exit(f"mutation: {' '.join(cmd)} failed ({p.returncode}):\n{p.stdout}{p.stderr}")
+    return p
+
+
+def prepare(workdir: Path, rev: str) -> tuple[Path, Path]:
+    """The clone of ``rev`` and a venv with it installed editable plus cosmic-ray."""
+    sha = sh(["git", "-C", str(REPO), "rev-parse", rev]).stdout.strip()
+    clone, venv = workdir / "clone", workdir / "venv"
+    if clone.exists():
+        shutil.rmtree(clone)
+    workdir.mkdir(parents=True, exist_ok=True)
+    sh(["git", "clone", "--quiet", "--no-checkout", str(REPO), str(clone)])
+    sh(["git", "-C", str(clone), "checkout", "--quiet", sha])
+    py = venv / "bin" / "python"
+    if not py.exists():
+        sh([sys.executable, "-m", "venv", str(venv)])
+    # the editable install points at the clone's path, which stays the same between runs
+    sh([str(py), "-m", "pip", "install", "-q", "-e", f"{clone}[test]", "cosmic-ray"])
+    print(f"mutation: {clone} at {sha[:12]}, venv {venv}", flush=True)
+    return clone, py
+
+
+def test_command(py: Path, tests: list[str]) -> str:
+    return (f"{py} -m pytest -x -q -p no:cacheprovider --hypothesis-seed=0 "
+            f"-m 'not e2e' {' '.join(tests)}")
+
+
+def run_module(name: str, clone: Path, py: Path, sample: int, seed: int) -> Score:
+    """Initialise a cosmic-ray session for one module, keep a sample, run it, count."""
+    path, tests = TESTS[name]
+    cmd = test_command(py, tests)
+    t0 = time.monotonic()
+    base = subprocess.run(["nice", "-n", "19", "sh", "-c", cmd], cwd=clone,
+                          capture_output=True, text=True)
+    baseline = time.monotonic() - t0
+    if base.returncode != 0:
+        sys.exit(f"mutation: the unmutated tests of {path} fail; fix them first:\n"
+                 f"{base.stdout[-3000:]}")
+    timeout = 4 * baseline + 30
+    cfg = clone / f"cosmic-ray-{name}.toml"
+    db = clone / f"cosmic-ray-{name}.sqlite"
+    db.unlink(missing_ok=True)
+    cfg.write_text(
+        "[cosmic-ray]\n"
+        f'module-path = "{path}"\n'
+        f"timeout = {timeout:.0f}\n"
+        "excluded-modules = []\n"
+        f"test-command = {json.dumps(cmd)}\n"
+        "[cosmic-ray.distributor]\n"
+        'name = "local"\n')
+    cr = str(py.parent / "cosmic-ray")
+    sh([cr, "init", str(cfg), str(db)], cwd=clone)
+    total, kept = _keep_sample(py, db, sample, seed)
+    print(f"{name}: {path}: {total} mutants, "
+          + (f"a sample of {kept} (seed {seed})" if kept < total else "all run")
+          + f"; tests {baseline:.0f} s unmutated, timeout {timeout:.0f} s", flush=True)
+    sh([cr, "exec", str(cfg), str(db)], cwd=clone)
+    results = json.loads(sh([str(py), "-c", _RESULTS, str(db)]).stdout)
+    killed = sum(1 for r in results if r["outcome"] == "killed")
+    incompetent = sum(1 for r in results if r["outcome"] == "incompetent")
+    survivors = [r for r in results if r["outcome"] == "survived"]
+    return Score(name, path, total, kept, killed, survivors, incompetent,
+                 time.monotonic() - t0)
+
+
+# Run in the venv (cosmic-ray's API): sort the pending mutants into a fixed order, keep a
+# seeded sample of them and mark the rest skipped.
+_SAMPLE = """
+import json, random, sys
+from cosmic_ray.work_db import WorkDB, use_db
+from cosmic_ray.work_item import WorkResult, WorkerOutcome
+db, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with use_db(db, WorkDB.Mode.open) as w:
+    items = sorted(w.pending_work_items, key=lambda i: [
+        (str(m.module_path), m.operator_name, m.occurrence, tuple(m.start_pos))
+        for m in i.mutations])
+    keep = items if n <= 0 or n >= len(items) else random.Random(seed).sample(items, n)
+    ids = {i.job_id for i in keep}
+    skip = [i.job_id for i in items if i.job_id not in ids]
+    if skip:
+        w.set_multiple_results(skip, WorkResult(output="not in the sample",
+                                                worker_outcome=WorkerOutcome.SKIPPED))
+print(json.dumps([len(items), len(keep)]))
+"""
+
+_RESULTS = """
+import json, sys
+from cosmic_ray.work_db import WorkDB, use_db
+from cosmic_ray.work_item import WorkerOutcome
+out = []
+with use_db(sys.argv[1], WorkDB.Mode.open) as w:
+    for item, result in w.completed_work_items:
+        if result.worker_outcome == WorkerOutcome.SKIPPED:
+            continue
+        m = item.mutations[0]
+        outcome = result.test_outcome.value if result.test_outcome else "incompetent"
+        out.append({"outcome": outcome, "line": m.start_pos[0], "operator": m.operator_name,
+                    "occurrence": m.occurrence, "diff": result.diff or ""})
+print(json.dumps(sorted(out, key=lambda r: (r["line"], r["operator"], r["occurrence"]))))
+"""
+
+
+def _keep_sample(py: Path, db: Path, n: int, seed: int) -> tuple[int, int]:
+    total, kept = json.loads(sh([str(py), "-c", _SAMPLE, str(db), str(n), str(seed)]).stdout)
+    return total, kept
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--modules", default=",".join(TESTS),
+                    help=f"comma-separated, of: {', '.join(TESTS)}")
+    ap.add_argument("--sample", type=int, default=40,
+                    help="mutants per module at most, drawn at random (0: all)")
+    ap.add_argument("--seed", type=int, default=20)
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/memtrace-mutation"))
+    ap.add_argument("--rev", default="HEAD", help="the commit to measure (default HEAD)")
+    ap.add_argument("--json", type=Path, help="write the scores and survivors here")
+    ap.add_argument("--keep", action="store_true", help="keep the clone (the venv is kept)")
+    args = ap.parse_args()
+    names = [m.strip() for m in args.modules.split(",") if m.strip()]
+    unknown = [m for m in names if m not in TESTS]
+    if unknown:
+        sys.exit(f"mutation: unknown module {unknown[0]!r}; choose from {', '.join(TESTS)}")
+    clone, py = prepare(args.workdir, args.rev)
+    scores = []
+    for name in names:
+        s = run_module(name, clone, py, args.sample, args.seed)
+        scores.append(s)
+        print(f"{name}: {s.killed}/{s.sampled - s.incompetent} killed "
+              f"({s.incompetent} incompetent), {len(s.survivors)} survived, "
+              f"{s.seconds / 60:.1f} min", flush=True)
+        for r in s.survivors:
+            print(f"  survived {s.path}:{r['line']} {r['operator']} #{r['occurrence']}")
+            for line in r["diff"].splitlines():
+                if line[:1] in "+-" and line[:3] not in ("+++", "---"):
+                    print(f"      {line}")
+    print("\nmodule      mutants  run  killed  survived  score")
+    for s in scores:
+        run = s.sampled - s.incompetent
+        print(f"{s.path:22} {s.mutants:5} {s.sampled:4} {s.killed:6} {len(s.survivors):8}  "
+              f"{100 * s.killed / max(run, 1):4.0f} %")
+    k = sum(s.killed for s in scores)
+    n = sum(s.sampled - s.incompetent for s in scores)
+    print(f"all: {k}/{n} killed ({100 * k / max(n, 1):.0f} %); "
+          f"sample of at most {args.sample} per module, seed {args.seed}")
+    if args.json:
+        args.json.write_text(json.dumps([s.__dict__ for s in scores], indent=1))
+    if not args.keep:
+        shutil.rmtree(clone)
+
+
+if __name__ == "__main__":
+    main()
