@@ -6,6 +6,7 @@ Traces set ``clock_hz = 1000`` so that one clock unit is one guest millisecond: 
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -813,25 +814,46 @@ def random_trace(path: Path, seed: int, steps: int, zero: bool = False, moves: b
     b.close()
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=hs.integers(0, 10**6), pages=hs.sampled_from([1, 2, 3, 7, 100]),
-       sleep=hs.sampled_from([5, 10, 20]), maxs=hs.sampled_from([2, 3, 256]),
-       zero=hs.booleans(), tiny=hs.booleans())
-def test_model_matches_reference(tmp_path, monkeypatch, seed, pages, sleep, maxs, zero, tiny):
+# Every combination of the model's parameters is run on a random trace of its own (seeds fixed,
+# so CI runs the same cases every time), and Hypothesis adds random seeds and combinations on
+# top: 40 examples over 180 combinations alone left most combinations untried in any one run.
+PAGES, SLEEPS, MAXS = [1, 2, 3, 7, 100], [5, 10, 20], [2, 3, 256]
+COMBINATIONS = list(itertools.product(PAGES, SLEEPS, MAXS, [False, True], [False, True]))
+
+
+def model_matches_reference(path: Path, monkeypatch, seed: int, pages: int, sleep: int,
+                            maxs: int, zero: bool, tiny: bool) -> None:
     # tiny: start the item arrays at 4 cells, so that segments move, arrays grow and repack
     monkeypatch.setattr(ItemSpace, "initial_cells", 4 if tiny else ItemSpace.initial_cells)
-    p = tmp_path / f"r{seed}.mtr"
-    random_trace(p, seed, 40, zero)
+    random_trace(path, seed, 40, zero)
     ksm = KsmAnalysis(pages_to_scan=pages, sleep_ms=sleep, max_page_sharing=maxs, scope="anon",
                       hints=False, interval=10**9, use_zero_pages=zero)
     zero_cid = ReplayState().zero_cid
     ref = Reference(pages, sleep, maxs, zero, zero_cid)
     probe = Probe(ksm)
-    Replay(open_trace(p), [ksm, ref, probe], progress=False).run()
+    Replay(open_trace(path), [ksm, ref, probe], progress=False).run()
     assert len(probe.log) == len(ref.log)
     for a, b in zip(probe.log, ref.log, strict=True):
         assert a == b, (a, b)
+
+
+@pytest.mark.parametrize("pages, sleep, maxs, zero, tiny", COMBINATIONS,
+                         ids=[f"p{p}-s{s}-m{m}{'-zero' if z else ''}{'-tiny' if t else ''}"
+                              for p, s, m, z, t in COMBINATIONS])
+def test_model_matches_reference_every_combination(tmp_path, monkeypatch, pages, sleep, maxs,
+                                                   zero, tiny):
+    seed = 1000 + COMBINATIONS.index((pages, sleep, maxs, zero, tiny))
+    model_matches_reference(tmp_path / "r.mtr", monkeypatch, seed, pages, sleep, maxs, zero,
+                            tiny)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=hs.integers(0, 10**6), pages=hs.sampled_from(PAGES), sleep=hs.sampled_from(SLEEPS),
+       maxs=hs.sampled_from(MAXS), zero=hs.booleans(), tiny=hs.booleans())
+def test_model_matches_reference(tmp_path, monkeypatch, seed, pages, sleep, maxs, zero, tiny):
+    model_matches_reference(tmp_path / f"r{seed}.mtr", monkeypatch, seed, pages, sleep, maxs,
+                            zero, tiny)
 
 
 def recount(ksm: KsmAnalysis, st: ReplayState) -> list[str]:
@@ -930,12 +952,29 @@ def test_bookkeeping_on_synthetic_generator(tmp_path):
     check_trace(p, scope="anon", use_zero_pages=True, max_page_sharing=2)
 
 
+MOVE_COMBINATIONS = list(itertools.product([1, 3, 100], [2, 256], [False, True]))
+
+
+def bookkeeping_with_page_moves(path: Path, monkeypatch, seed: int, pages: int, maxs: int,
+                                tiny: bool) -> None:
+    monkeypatch.setattr(ItemSpace, "initial_cells", 4 if tiny else ItemSpace.initial_cells)
+    random_trace(path, seed, 60, moves=True)
+    check_trace(path, scope="anon", pages_to_scan=pages, sleep_ms=10, max_page_sharing=maxs)
+
+
+@pytest.mark.parametrize("pages, maxs, tiny", MOVE_COMBINATIONS,
+                         ids=[f"p{p}-m{m}{'-tiny' if t else ''}"
+                              for p, m, t in MOVE_COMBINATIONS])
+@pytest.mark.parametrize("run", [0, 1, 2])
+def test_bookkeeping_with_page_moves_every_combination(tmp_path, monkeypatch, pages, maxs,
+                                                       tiny, run):
+    seed = 5000 + 10 * MOVE_COMBINATIONS.index((pages, maxs, tiny)) + run
+    bookkeeping_with_page_moves(tmp_path / "m.mtr", monkeypatch, seed, pages, maxs, tiny)
+
+
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=hs.integers(0, 10**6), pages=hs.sampled_from([1, 3, 100]),
        maxs=hs.sampled_from([2, 256]), tiny=hs.booleans())
 def test_bookkeeping_with_page_moves(tmp_path, monkeypatch, seed, pages, maxs, tiny):
-    monkeypatch.setattr(ItemSpace, "initial_cells", 4 if tiny else ItemSpace.initial_cells)
-    p = tmp_path / f"m{seed}.mtr"
-    random_trace(p, seed, 60, moves=True)
-    check_trace(p, scope="anon", pages_to_scan=pages, sleep_ms=10, max_page_sharing=maxs)
+    bookkeeping_with_page_moves(tmp_path / f"m{seed}.mtr", monkeypatch, seed, pages, maxs, tiny)
