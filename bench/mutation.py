@@ -19,7 +19,9 @@ Per module the test command is the unit tests that exercise it (never the e2e su
 is killed or not, not by chance). A module with more mutants than ``--sample`` has a random
 sample of that many, drawn with ``--seed`` from its mutants in a fixed order; the output says
 so. A mutant whose tests run longer than the timeout (4x the unmutated run, plus 30 s) counts as
-killed, as cosmic-ray counts it. Everything runs under ``nice -n 19``: the machine is shared.
+killed, as cosmic-ray counts it. Mutants inside type annotations are not run: with ``from
+__future__ import annotations`` (every core module) annotations are never evaluated, so they are
+equivalent by construction. Everything runs under ``nice -n 19``: the machine is shared.
 
 This is not part of the test suite (a full run takes hours on two cores); README's "Testing"
 section has the latest score.
@@ -75,6 +77,7 @@ class Score:
     module: str
     path: str
     mutants: int
+    in_annotations: int
     sampled: int
     killed: int
     survivors: list[dict[str, str]]
@@ -138,37 +141,63 @@ def run_module(name: str, clone: Path, py: Path, sample: int, seed: int) -> Scor
         'name = "local"\n')
     cr = str(py.parent / "cosmic-ray")
     sh([cr, "init", str(cfg), str(db)], cwd=clone)
-    total, kept = _keep_sample(py, db, sample, seed)
-    print(f"{name}: {path}: {total} mutants, "
-          + (f"a sample of {kept} (seed {seed})" if kept < total else "all run")
+    total, notes, kept = _keep_sample(py, db, sample, seed, clone / path)
+    print(f"{name}: {path}: {total} mutants, {notes} in annotations skipped, "
+          + (f"a sample of {kept} of the {total - notes} others (seed {seed})"
+             if kept < total - notes else "all others run")
           + f"; tests {baseline:.0f} s unmutated, timeout {timeout:.0f} s", flush=True)
     sh([cr, "exec", str(cfg), str(db)], cwd=clone)
     results = json.loads(sh([str(py), "-c", _RESULTS, str(db)]).stdout)
     killed = sum(1 for r in results if r["outcome"] == "killed")
     incompetent = sum(1 for r in results if r["outcome"] == "incompetent")
     survivors = [r for r in results if r["outcome"] == "survived"]
-    return Score(name, path, total, kept, killed, survivors, incompetent,
+    return Score(name, path, total, notes, kept, killed, survivors, incompetent,
                  time.monotonic() - t0)
 
 
-# Run in the venv (cosmic-ray's API): sort the pending mutants into a fixed order, keep a
-# seeded sample of them and mark the rest skipped.
+# Run in the venv (cosmic-ray's API). Mutants inside type annotations are skipped: every core
+# module has ``from __future__ import annotations``, so annotations are never evaluated and
+# ``str | Path`` -> ``str / Path`` is an equivalent mutant by construction (a third of some
+# modules' mutants). The rest are put in a fixed order; a seeded sample is kept, the others
+# marked skipped.
 _SAMPLE = """
-import json, random, sys
+import ast, json, random, sys
 from cosmic_ray.work_db import WorkDB, use_db
 from cosmic_ray.work_item import WorkResult, WorkerOutcome
-db, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+db, n, seed, source = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+text = open(source).read()
+assert "from __future__ import annotations" in text, source
+spans = []
+for node in ast.walk(ast.parse(text)):
+    notes = []
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        a = node.args
+        notes = [x.annotation for x in a.posonlyargs + a.args + a.kwonlyargs
+                 + [a.vararg, a.kwarg] if x is not None] + [node.returns]
+    elif isinstance(node, ast.AnnAssign):
+        notes = [node.annotation]
+    spans += [((x.lineno, x.col_offset), (x.end_lineno, x.end_col_offset))
+              for x in notes if x is not None]
+
+def annotation(m):
+    start, end = tuple(m.start_pos), tuple(m.end_pos)
+    return any(a <= start and end <= b for a, b in spans)
+
+def skip(w, ids, why):
+    if ids:
+        w.set_multiple_results(ids, WorkResult(output=why, worker_outcome=WorkerOutcome.SKIPPED))
+
 with use_db(db, WorkDB.Mode.open) as w:
-    items = sorted(w.pending_work_items, key=lambda i: [
+    items = list(w.pending_work_items)
+    notes = [i for i in items if all(annotation(m) for m in i.mutations)]
+    skip(w, [i.job_id for i in notes], "in a type annotation (never evaluated)")
+    items = sorted((i for i in items if i not in notes), key=lambda i: [
         (str(m.module_path), m.operator_name, m.occurrence, tuple(m.start_pos))
         for m in i.mutations])
     keep = items if n <= 0 or n >= len(items) else random.Random(seed).sample(items, n)
     ids = {i.job_id for i in keep}
-    skip = [i.job_id for i in items if i.job_id not in ids]
-    if skip:
-        w.set_multiple_results(skip, WorkResult(output="not in the sample",
-                                                worker_outcome=WorkerOutcome.SKIPPED))
-print(json.dumps([len(items), len(keep)]))
+    skip(w, [i.job_id for i in items if i.job_id not in ids], "not in the sample")
+print(json.dumps([len(items) + len(notes), len(notes), len(keep)]))
 """
 
 _RESULTS = """
@@ -188,9 +217,11 @@ print(json.dumps(sorted(out, key=lambda r: (r["line"], r["operator"], r["occurre
 """
 
 
-def _keep_sample(py: Path, db: Path, n: int, seed: int) -> tuple[int, int]:
-    total, kept = json.loads(sh([str(py), "-c", _SAMPLE, str(db), str(n), str(seed)]).stdout)
-    return total, kept
+def _keep_sample(py: Path, db: Path, n: int, seed: int, source: Path) -> tuple[int, int, int]:
+    """(mutants, of them in annotations, kept in the sample)."""
+    total, notes, kept = json.loads(sh([str(py), "-c", _SAMPLE, str(db), str(n), str(seed),
+                                        str(source)]).stdout)
+    return total, notes, kept
 
 
 def main() -> None:
@@ -222,11 +253,11 @@ def main() -> None:
             for line in r["diff"].splitlines():
                 if line[:1] in "+-" and line[:3] not in ("+++", "---"):
                     print(f"      {line}")
-    print("\nmodule      mutants  run  killed  survived  score")
+    print("\nmodule                 mutants  annotations  run  killed  survived  score")
     for s in scores:
         run = s.sampled - s.incompetent
-        print(f"{s.path:22} {s.mutants:5} {s.sampled:4} {s.killed:6} {len(s.survivors):8}  "
-              f"{100 * s.killed / max(run, 1):4.0f} %")
+        print(f"{s.path:22} {s.mutants:7} {s.in_annotations:12} {s.sampled:4} {s.killed:7} "
+              f"{len(s.survivors):9}  {100 * s.killed / max(run, 1):4.0f} %")
     k = sum(s.killed for s in scores)
     n = sum(s.sampled - s.incompetent for s in scores)
     print(f"all: {k}/{n} killed ({100 * k / max(n, 1):.0f} %); "
