@@ -128,6 +128,7 @@ def run(argv: list[str] | None = None) -> int:
     series = count != 1
     incomplete: str | None = None
     writing = False   # between a snapshot's STATE_BEGIN and STATE_END
+    failure: str | None = None  # an error to say after the trace is finished (one line)
     code = 0
 
     def warn(msg: str) -> None:
@@ -211,8 +212,12 @@ def run(argv: list[str] | None = None) -> int:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             code = 1
         except OSError as e:
+            # Writing the trace (a full disk, a quota, an I/O error). Nothing is written while
+            # processes are stopped: take() resumed them before the first byte. Said once, below,
+            # with what became of the trace.
             incomplete = f"{type(e).__name__}: {e}"
-            print(f"{PROG}: error: {e}", file=sys.stderr)
+            failure = (f"cannot write {a.output}: {e.strerror or e}"
+                       if e.filename is None else f"{e.strerror or e} ({e.filename})")
             code = 1
         finally:
             try:
@@ -222,9 +227,18 @@ def run(argv: list[str] | None = None) -> int:
                     w.abort(incomplete)
                 elif w is not None:
                     w.close()
+                if failure is not None:
+                    failure += "; processes resumed, the trace keeps what was written before, " \
+                               "marked incomplete"
             except OSError as e:
-                print(f"{PROG}: error: cannot finish {a.output}: {e.strerror}", file=sys.stderr)
+                if failure is None:
+                    failure = f"cannot finish {a.output}: {e.strerror}"
+                else:
+                    failure += "; processes resumed, the trace is readable up to its last " \
+                               "complete chunk (no room to mark it incomplete)"
                 code = code or 1
+    if failure is not None:
+        print(f"{PROG}: error: {failure}", file=sys.stderr)
     if code == 0 and not a.quiet:
         print(f"{PROG}: wrote {a.output} ({taken} snapshot{'s' if taken != 1 else ''})",
               file=sys.stderr)

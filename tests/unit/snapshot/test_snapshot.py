@@ -666,6 +666,44 @@ def test_signal_resumes_and_marks_incomplete(children: list[Child], tmp_path: Pa
     assert an.returncode == 0 and "incomplete" in an.stderr
 
 
+#: 20 MiB of random bytes: 5,120 distinct pages, whose PAGE records do not compress
+RANDOM = """
+import json, os, sys
+data = bytearray(os.urandom(20 << 20))
+print(json.dumps({}), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_full_output_file_system_resumes_and_says_it_in_one_line(children: list[Child],
+                                                                 tmp_path: Path) -> None:
+    """The trace's file system fills up (a 64 KiB tmpfs mounted here): the process, held
+    stopped while it was read, runs again, the error is one line saying what and where, the
+    status is 1, and what reached the disk reads as a trace cut short. Nothing is written
+    while processes are stopped: the write fails after they were resumed."""
+    c = Child(RANDOM)
+    children.append(c)
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
+    try:
+        out = mnt / "full.mtr"
+        proc = start_snapshot("--pid", c.pid, "-o", out, "-q", "--debug-hold", "0.5")
+        wait_stopped(c.pid)
+        _, err = proc.communicate(timeout=300)
+        assert "Traceback" not in err
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert proc.returncode == 1, err
+        assert lines == [f"trace-snapshot: error: cannot write {out}: No space left on device; "
+                         "processes resumed, the trace is readable up to its last complete "
+                         "chunk (no room to mark it incomplete)"], lines
+        assert_running(c.pid)
+        with open_trace(out) as tr:
+            assert tr.truncated and not tr.complete_index
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
 def test_killed_tool_leaves_nothing_stopped(children: list[Child], tmp_path: Path) -> None:
     """The other half of the ptrace argument: SIGKILL cannot be handled, yet the kernel
     detaches a dead tracer's tracees and they run on (SIGSTOP would leave them stopped)."""
