@@ -50,6 +50,7 @@ class Run:
     trace: str | None
     stats: dict = field(default_factory=dict)
     frame_hashes: np.ndarray | None = None  # (frames, 2) uint64: lo, hi of the final RAM
+    stop_hashes: np.ndarray | None = None  # the same of the stop image (stop_image=True)
 
     def console_time(self, text: str) -> float | None:
         for t, line in self.console:
@@ -87,16 +88,20 @@ def run_guest(tmp_path, guest: dict[str, str], plugin_args: str | None, *,
               ram_size: int = RAM_SIZE,
               inspect_ram: Callable[[str, str | None], object] | None = None,
               kill_when: Callable[[str], bool] | None = None,
-              extra_append: str = "", append: str | None = None) -> Run:
+              extra_append: str = "", append: str | None = None,
+              stop_image: bool = False) -> Run:
     """Boot the guest under TCG with the plugin (unless plugin_args is None), wait for it to
     power off, hash the final RAM file, remove it. plugin_args gets out=, ram=, ram_size= and
     stats= prepended. kill_when(trace_path) is polled; when true QEMU gets SIGKILL. append
     replaces the kernel command line of the test guest (for other guest images).
-    inspect_ram(ram_path, trace_path) runs after QEMU exits, before the RAM file is removed."""
+    inspect_ram(ram_path, trace_path) runs after QEMU exits, before the RAM file is removed.
+    stop_image: the plugin also writes guest RAM as it was when tracing stopped (what
+    trace-record --verify compares with), hashed into Run.stop_hashes and removed too."""
     name = f"memtrace-e2e-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     ram = f"/dev/shm/{name}"
     trace = str(tmp_path / f"{name}.mtr") if plugin_args is not None else None
     stats_path = str(tmp_path / f"{name}.stats.json")
+    stop = f"/dev/shm/{name}.stop" if stop_image else None
     mb = ram_size // (1 << 20)
     if append is None:
         append = (f"console=ttyS0 panic=-1 quiet memmap=1M${guest_mod.MAILBOX_PHYS:#x} "
@@ -112,6 +117,8 @@ def run_guest(tmp_path, guest: dict[str, str], plugin_args: str | None, *,
         args = f"out={trace},ram={ram},ram_size={ram_size},stats={stats_path}"
         if plugin_args:
             args += "," + plugin_args
+        if stop is not None:
+            args += f",stop_image={stop}"
         cmd += ["-plugin", f"{plugin},{args}"]
     console: list[tuple[float, str]] = []
     t0 = time.monotonic()
@@ -146,13 +153,15 @@ def run_guest(tmp_path, guest: dict[str, str], plugin_args: str | None, *,
             with open(stats_path) as f:
                 stats = json.load(f)
         hashes = frame_hashes(ram) if os.path.exists(ram) else None
+        stop_hashes = frame_hashes(stop) if stop is not None and os.path.exists(stop) else None
         if inspect_ram is not None and os.path.exists(ram):
             inspect_ram(ram, trace)
         return Run(proc.returncode, wall, console, b"".join(err_chunks).decode("utf-8", "replace"),
-                   trace, stats, hashes)
+                   trace, stats, hashes, stop_hashes)
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
-        if os.path.exists(ram):
-            os.unlink(ram)
+        for path in (ram, stop):
+            if path is not None and os.path.exists(path):
+                os.unlink(path)
