@@ -112,10 +112,9 @@ def test_callbacks_tracking_fidelity(tmp_path, plugin, guest):
     print(f"\ncallbacks: {run.wall:.1f} s wall, {compared} frames compared, {bad} mismatches "
           f"{first}")
     # Store callbacks cannot see writes that are not guest stores (device DMA, the accessed/
-    # dirty bits QEMU's page walker sets in page tables). This guest does no DMA, and every
-    # frame whose page-table bits the walker sets is also written by a store in the same
-    # epoch: measured 0 of 130,816 frames differing (2026-12-04, QEMU 7.2, this guest's
-    # kernel). A frame that differs is a frame the fallback missed: exact.
+    # dirty bits QEMU's page walker sets in page tables). This guest does no DMA, and with it
+    # we measured 0 of 130,816 frames differing (2026-12-04, QEMU 7.2, this guest's kernel):
+    # the bound is exact, so that a frame the fallback misses fails the test.
     assert bad == 0, first
 
 
