@@ -100,6 +100,26 @@ def _cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
+def split_at_vmas(ranges: list[tuple[int, int]], vmas: list[Any]
+                  ) -> list[tuple[int, int, int]]:
+    """(VMA index, start, end) of each part of the present ranges ``[a, b)`` that lies in a
+    VMA of ``vmas`` (sorted by address). A range can span adjacent VMAs; it can also lie in a
+    gap of the maps read before it (a process that runs, --no-stop, mapped something since):
+    such parts are left out, as the maps do not know them. Reading from the gap's start to the
+    next VMA's end instead once asked for an 82 GiB pagemap read (a range in a 41 TiB gap)."""
+    starts = np.array([m.start for m in vmas], dtype=np.uint64)
+    out = []
+    for a, b in ranges:
+        i = max(int(np.searchsorted(starts, a, side="right")) - 1, 0)
+        while a < b and i < len(vmas) and vmas[i].start < b:
+            lo, hi = max(a, vmas[i].start), min(b, vmas[i].end)
+            if hi > lo:
+                out.append((i, lo, hi))
+                a = hi
+            i += 1
+    return out
+
+
 def read_layout(t: Target, use_scan: bool = True) -> ProcDump:
     """Maps and present pages of a (stopped) process. Raises TargetGone if it has exited."""
     try:
@@ -117,22 +137,13 @@ def read_layout(t: Target, use_scan: bool = True) -> ProcDump:
         user = [m for m in vmas if m.user]
         ranges = (_present_ranges(fd, user[0].start, user[-1].end)
                   if use_scan and user else None)
-        starts = np.array([m.start for m in vmas], dtype=np.uint64)
         if ranges is not None:
-            for a, b in ranges:
-                # a present range can span adjacent VMAs: split it at their boundaries
-                i = int(np.searchsorted(starts, a, side="right")) - 1
-                while a < b and 0 <= i < len(vmas):
-                    m = vmas[i]
-                    hi = min(b, m.end)
-                    if hi > a:
-                        e = procfs.read_pagemap(fd, a >> 12, (hi - a) >> 12)
-                        keep = np.flatnonzero(e & np.uint64(procfs.PM_PRESENT))
-                        vpns.append(np.uint64(a >> 12) + keep.astype(np.uint64))
-                        ents.append(e[keep])
-                        idx.append(np.full(len(keep), i, dtype=np.int32))
-                    a = hi
-                    i += 1
+            for i, a, hi in split_at_vmas(ranges, vmas):
+                e = procfs.read_pagemap(fd, a >> 12, (hi - a) >> 12)
+                keep = np.flatnonzero(e & np.uint64(procfs.PM_PRESENT))
+                vpns.append(np.uint64(a >> 12) + keep.astype(np.uint64))
+                ents.append(e[keep])
+                idx.append(np.full(len(keep), i, dtype=np.int32))
         else:
             for i, m in enumerate(vmas):
                 if not m.user:

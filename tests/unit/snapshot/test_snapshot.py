@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -284,6 +285,25 @@ def test_spans_cover_frames() -> None:
         assert hi - lo <= 1000 and all(lo <= f < hi for f in frames[i:j].tolist())
         seen.extend(frames[i:j].tolist())
     assert seen == frames.tolist()
+
+
+def test_present_ranges_split_at_vmas() -> None:
+    """PAGEMAP_SCAN's present ranges, cut at the VMAs of the maps read before: a range over
+    two adjacent VMAs is split, parts in a gap (mapped since, when processes run: --no-stop)
+    are left out, and nothing is read between a gap's start and the next VMA (that once made
+    an 82 GiB pagemap read of a 41 TiB gap)."""
+    from memtrace.snapshot.layout import split_at_vmas
+
+    T = 1 << 40
+    vmas = [SimpleNamespace(start=0x1000, end=0x3000), SimpleNamespace(start=0x3000, end=0x5000),
+            SimpleNamespace(start=T, end=T + 0x2000)]
+    ranges = [(0x2000, 0x4000),          # over two adjacent VMAs
+              (0x6000, 0x8000),          # in the gap only
+              (0x7000, T + 0x1000),      # from the gap into the last VMA
+              (0, 0x1000),               # before the first
+              (T + 0x1000, T + 0x9000)]  # past the end of the last
+    assert split_at_vmas(ranges, vmas) == [
+        (0, 0x2000, 0x3000), (1, 0x3000, 0x4000), (2, T, T + 0x1000), (2, T + 0x1000, T + 0x2000)]
 
 
 def test_kpageflags_of_known_frames() -> None:
@@ -548,61 +568,142 @@ def test_rss_and_analyzer(regions: dict[str, Any], tmp_path: Path) -> None:
     assert "incomplete" not in cli.stderr
 
 
-def test_pss_over_all_processes(tmp_path: Path) -> None:
-    """Pss gives each mapping of a normal frame 1/mapcount of it, so over every process of the
-    machine it sums to the distinct frames mapped: mmap/fork of an --all snapshot, less the
-    zero page (not in Pss). Two kinds of process are never in an --all snapshot: trace-snapshot
-    itself and processes root may not read (here pid 1 of the VM); their shares of the frames
-    they map together with the dumped processes are missing from the dumped processes' Pss.
-    The tool measures those shares from /proc/kpagecount (COUNTER kernel.pss_outside_kb), so
+def pss_identity(out: Path) -> tuple[float, float, float, int, int, bool]:
+    """(sum of Pss, shares outside, mmap/fork without the zero page, processes, present pages,
+    quiet) of the last snapshot in ``out``, all in pages, as the tool read them: the frames
+    are the replayed state's (a series resets it at every snapshot), the counters the latest.
+    Quiet: Rss equals the present pages but the zero page's (nothing was faulted in or freed
+    between the reads of the maps and of smaps_rollup)."""
+    with open_trace(out) as tr:
+        st = Replay(tr, progress=False).run()
+    maps = st.mappings()
+    frames = np.unique(np.concatenate([f for _, f in maps.values()])).astype(np.uint64) \
+        if maps else np.zeros(0, dtype=np.uint64)
+    k = procfs.KPageFiles()
+    try:
+        zero = int(np.count_nonzero(k.flags(frames) & procfs.kpf(KPF.ZERO_PAGE)))
+    finally:
+        k.close()
+    c = st.counters
+    quiet = abs(c["kernel.rss_kb"] / 4 - (c["snapshot.present_pages"]
+                                          - c["snapshot.zero_page_mappings"])) <= 4
+    return (c["kernel.pss_kb"] / 4, c["kernel.pss_outside_kb"] / 4, len(frames) - zero,
+            c["snapshot.processes"], c["snapshot.present_pages"], quiet)
+
+
+#: anonymous memory in transparent huge pages (MADV_HUGEPAGE), then a fork: both map every
+#: 2 MiB folio (PMD-mapped in the parent); the child then unmaps half of each, so the folios
+#: are partly mapped there (PTE-mapped after the split of its PMDs)
+THP_FORK = r"""
+import ctypes, json, mmap, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+size, huge = 8 << 20, 2 << 20
+m = mmap.mmap(-1, size + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+base = (ctypes.addressof(ctypes.c_char.from_buffer(m)) + huge - 1) & ~(huge - 1)
+assert libc.madvise(ctypes.c_void_p(base), ctypes.c_size_t(size), 14) == 0  # MADV_HUGEPAGE
+buf = (ctypes.c_char * size).from_address(base)
+for i in range(0, size, 4096):
+    buf[i] = b"x"
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    for blk in range(0, size, huge):
+        libc.munmap(ctypes.c_void_p(base + blk + huge // 2), ctypes.c_size_t(huge // 2))
+    os.write(w, b"."); sys.stdin.read(); os._exit(0)
+os.read(r, 1)
+huge_kb = sum(int(x.split()[1]) for x in open("/proc/self/smaps_rollup")
+              if x.startswith("AnonHugePages"))
+print(json.dumps({"child": child, "anon_huge_kb": huge_kb}), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_pss_of_a_family_with_huge_pages(children: list[Child], tmp_path: Path, say) -> None:
+    """Pss gives each mapping of a frame 1/mapcount of it. On this kernel (6.18,
+    CONFIG_PAGE_MAPCOUNT=y) smaps and /proc/kpagecount both use the precise per-page mapcount
+    of large folios, so the identity below holds exactly for transparent huge pages, mapped
+    whole by one process and partly by its fork child; with CONFIG_NO_PAGE_MAPCOUNT both would
+    use the folio's average and partly mapped folios would break it. Two processes: the
+    snapshot is milliseconds wide, and they share only their own memory and libraries."""
+    c = Child(THP_FORK)
+    children.append(c)
+    kid = int(c.info["child"])
+    try:
+        seen = []
+        for attempt in range(10):
+            out = tmp_path / f"thp{attempt}.mtr"
+            p = snapshot("--pid", c.pid, "--pid", kid, "--no-stop", "--no-contents", "-o", out,
+                         "-q")
+            assert p.returncode == 0, p.stderr
+            pss, outside, mmap_fork, nproc, _, quiet = pss_identity(out)
+            diff = mmap_fork - outside - pss
+            seen.append((round(diff, 2), quiet))
+            assert nproc == 2
+            if quiet and abs(diff) <= 0.25 * nproc + 1:
+                say(f"THP family: anonymous huge pages {c.info['anon_huge_kb']} kB; sum of Pss "
+                    f"{pss:,.2f}, outside {outside:,.2f}, mmap/fork {mmap_fork:,}: difference "
+                    f"{diff:.2f} pages (attempt {attempt})")
+                # the kernel really gave the parent huge pages (else this tests nothing new)
+                assert c.info["anon_huge_kb"] >= 4096 or not _thp_possible(), c.info
+                return
+        pytest.fail(f"Pss never matched the frames of a quiet snapshot: {seen}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(kid, signal.SIGKILL)
+
+
+def _thp_possible() -> bool:
+    try:
+        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+
+
+def test_pss_over_all_processes(tmp_path: Path, say) -> None:
+    """Over every process of the machine, Pss sums to the distinct frames mapped: mmap/fork of
+    an --all snapshot, less the zero page (not in Pss). Never in an --all snapshot are
+    trace-snapshot itself, its ancestors and processes root may not read (here pid 1 of the
+    VM); their shares of the frames they map together with the dumped processes are missing
+    from the dumped processes' Pss, and the tool measures them from /proc/kpagecount (COUNTER
+    kernel.pss_outside_kb), so
         sum of Pss of the dumped processes  ==  mmap/fork - zero page - outside shares
-    within rounding (Pss is truncated to whole kB per process) and the churn of a live machine.
-    All three numbers are read by the tool during the snapshot. --no-stop --no-contents:
+    within rounding (Pss is truncated to whole kB per process). --no-stop --no-contents:
     other people's processes run on this machine, and this test neither stops them nor reads
-    their memory, so the snapshot is a few milliseconds wide."""
-    # A process that allocates, frees, forks or exits while the tool goes through the
-    # processes (other people's test runs start QEMU guests here) moves these numbers by up to
-    # thousands of pages: Rss through its own pages, Pss through everybody's mapcounts. A
-    # systematic error shows in every snapshot, churn in some: take snapshots until one is
-    # quiet (Rss == present pages except the zero page's) and satisfies the identity.
+    their memory.
+
+    Where the identity does not hold, and what this test does about it:
+    - the tool's own first snapshot: reading the /proc files of the first processes and
+      starting its reader threads, trace-snapshot maps library pages it had not touched yet
+      (164 frames that the dumped processes map too, measured 2026-12-04) after it read the
+      Pss of some processes and before it reads kpagecount, so their outside shares grow by
+      up to 70 pages: the steady -23 to -71 seen before. A second snapshot in the same process
+      maps nothing new (measured 0 frames): this test checks the second of a series.
+    - churn: a process elsewhere that starts, forks or exits between the reads of Pss and of
+      kpagecount moves the mapcounts of shared library frames (hundreds of pages while other
+      test suites run here); so does a dumped process that faults in or frees memory (then
+      Rss no longer equals its present pages). Such a snapshot is taken again, up to 20 times;
+      no tolerance beyond rounding is accepted."""
     seen = []
-    for attempt in range(10):
+    for attempt in range(20):
         out = tmp_path / f"all{attempt}.mtr"
-        p = snapshot("--all", "--no-stop", "--no-contents", "-o", out, "-q")
+        p = snapshot("--all", "--no-stop", "--no-contents", "--every", "0.05", "--count", "2",
+                     "-o", out, "-q")
         assert p.returncode == 0, p.stderr
-        r = records(out)
-        c = r["counter"]
-        frames = np.array(sorted({f for *_, f, _ in r["map"]}), dtype=np.uint64)
-        k = procfs.KPageFiles()
-        try:
-            zero = int(np.count_nonzero(k.flags(frames) & procfs.kpf(KPF.ZERO_PAGE)))
-        finally:
-            k.close()
-        mmap_fork = len(frames) - zero
-        pss = c["kernel.pss_kb"] / 4
-        outside = c["kernel.pss_outside_kb"] / 4
-        nproc = c["snapshot.processes"]
-        rss = c["kernel.rss_kb"] / 4
-        quiet = abs(rss - (c["snapshot.present_pages"] - c["snapshot.zero_page_mappings"])) <= 4
+        pss, outside, mmap_fork, nproc, _, quiet = pss_identity(out)
         diff = mmap_fork - outside - pss
         print(f"attempt {attempt}: {nproc} processes; sum of Pss {pss:,.2f} pages; mmap/fork "
               f"without the zero page {mmap_fork:,}; shares of processes outside the snapshot "
               f"{outside:,.2f}; difference {diff:,.2f}; Rss {'quiet' if quiet else 'churning'}")
+        seen.append((round(diff, 2), quiet))
         assert nproc >= 3
         # only the tool (python and numpy: a few thousand pages) and unreadable processes
         assert outside < 0.05 * mmap_fork + 4096
-        if quiet:
-            seen.append((abs(diff), diff, mmap_fork))
         # exact but for rounding: Pss is truncated to whole kB per process, outside to 1 kB
         if quiet and abs(diff) <= 0.25 * nproc + 1:
+            say(f"--all: {nproc} processes, difference {diff:.2f} pages at attempt {attempt}")
             return
-    # Processes that start or exit elsewhere (a test suite running python) change the
-    # mapcounts of shared library frames between the Pss and the kpagecount reads, without
-    # showing in Rss: on a busy machine accept the best quiet snapshot within 0.5 %.
-    assert seen, "the machine never held still for an --all snapshot (10 attempts)"
-    best = min(seen)
-    print(f"busy machine: best difference {best[1]:,.2f} pages of {best[2]:,}")
-    assert best[0] <= 0.005 * best[2], f"no --all snapshot matched the kernel's Pss: {seen}"
+    pytest.fail(f"no quiet --all snapshot matched the kernel's Pss in 20 attempts (difference, "
+                f"quiet): {seen}; other processes starting and exiting all the time?")
 
 
 # -- stopping ------------------------------------------------------------------------------------
