@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import random
 import struct
+import zlib
 
 import numpy as np
 import pytest
 
 from memtrace.analyses.engine import Replay
-from memtrace.traces.format import FORMAT_VERSION, Kind, TaskOp
-from memtrace.traces.reader import TraceError, open_trace
+from memtrace.traces.format import (
+    CHUNK_FLAG_CHECKPOINT,
+    CHUNK_HEADER,
+    CHUNK_HEADER_CRC_SPAN,
+    FORMAT_VERSION,
+    ChunkType,
+    Kind,
+    TaskOp,
+)
+from memtrace.traces.reader import TraceError, follow, open_trace
 from memtrace.traces.synthetic import generate
 from memtrace.traces.writer import TraceWriter
 
@@ -139,3 +148,32 @@ def test_mark_incomplete_on_cut_trace(sample, tmp_path):
     assert tr.complete_index and not tr.truncated and len(tr.chunks) == n_before + 1
     st = Replay(tr, progress=False).run()
     assert st.incomplete == "guest hung: timeout after 10 s"
+
+
+def test_chunk_with_bad_magic_is_named(sample, tmp_path):
+    """A chunk whose magic is wrong but whose header checksum matches (rewritten, not torn):
+    the error says so at its offset, rather than letting the checksum speak for it."""
+    tr = open_trace(sample)
+    info = tr.chunks[len(tr.chunks) // 2]
+    d = bytearray(sample.read_bytes())
+    d[info.offset:info.offset + 4] = b"CHNX"
+    head = bytes(d[info.offset:info.offset + CHUNK_HEADER.size])
+    struct.pack_into("<I", d, info.offset + CHUNK_HEADER_CRC_SPAN,
+                     zlib.crc32(head[:CHUNK_HEADER_CRC_SPAN]))
+    p = tmp_path / "m.mtr"
+    p.write_bytes(bytes(d))
+    with pytest.raises(TraceError, match=f"at byte {info.offset}: corrupt chunk: bad magic"):
+        Replay(open_trace(p), progress=False).run()
+
+
+def test_follow_counts_records_chunks_and_ignores_other_files(sample, tmp_path):
+    """follow() (trace-record's progress line) on a whole trace and on a file that is not one
+    (its magic bytes sort after ours)."""
+    tr = open_trace(sample)
+    recs = [c for c in tr.chunks if c.type == ChunkType.RECORDS
+            and not c.flags & CHUNK_FLAG_CHECKPOINT]
+    _, t_last, n = follow(sample)
+    assert (t_last, n) == (recs[-1].t_last, len(recs))
+    p = tmp_path / "z.mtr"
+    p.write_bytes(b"ZZZZZZZZ" + sample.read_bytes()[8:])
+    assert follow(p) == (0, 0, 0)
