@@ -174,8 +174,9 @@ def test_attribution_finds_the_data_and_the_binary(tmp_path):
     come out on top as cross-instance anonymous sharing (1024 pages each, so >= 1000 pages
     saved), and python3.11 as the file with the most sharing."""
     out = tmp_path / "sh.mtr"
-    p = record("--scenario", "server-heap", "-n", "2", "-o", str(out))
+    p = record("--scenario", "server-heap", "-n", "2", "--verify", "-o", str(out))
     assert p.returncode == 0, p.stderr[-2000:]
+    assert " 0 differ, 0 never described" in p.stderr, p.stderr[-2000:]
     # the instant with the most sharing: where the oracle saves most against mmap/fork
     o = json.loads(analyze(str(out), "--oracle", "--format", "json").stdout)
     rows = o["results"]["oracle"]["tables"]["series"]["rows"]  # t, t_end, oracle, mmap_fork...
