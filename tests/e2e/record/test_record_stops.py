@@ -60,7 +60,7 @@ def alive(pid: int) -> bool:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_recording(tmp_path: Path, sig: signal.Signals) -> None:
     """A guest that never powers off (the idle scenario leaves a shell on the console), traced
-    from boot; the signal comes once the trace holds complete chunks and QEMU runs: status 4,
+    from boot; the signal comes once the trace holds a complete chunk and QEMU runs: status 4,
     the trace marked INCOMPLETE with the reason and readable to its end, /dev/shm clean, QEMU
     gone."""
     out = tmp_path / "sig.mtr"
@@ -73,7 +73,7 @@ def test_signal_mid_recording(tmp_path: Path, sig: signal.Signals) -> None:
     try:
         deadline = time.monotonic() + 900
         chunks, offset = 0, 0
-        while chunks < 3:  # a few complete chunks: the guest is being traced
+        while chunks < 1:  # a complete chunk: the guest is being traced
             assert proc.poll() is None, proc.communicate()[1][-2000:]
             assert time.monotonic() < deadline, "no trace chunk within 900 s"
             offset, _, n = follow(out, offset)
@@ -92,7 +92,7 @@ def test_signal_mid_recording(tmp_path: Path, sig: signal.Signals) -> None:
     assert "Traceback" not in err
     assert "INCOMPLETE: interrupted by signal" in err, err[-2000:]
     with open_trace(out) as tr:
-        assert len(tr.chunks) >= 3
+        assert tr.chunks
         st = Replay(tr, progress=False).run()
     assert st.incomplete == "interrupted by signal" and st.t > 0
     assert not shm_files(proc.pid), "guest RAM left in /dev/shm"
