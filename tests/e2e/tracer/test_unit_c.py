@@ -3,6 +3,8 @@
 - test_pt_walk.c: the x86-64 page-table walker against page tables built in a file.
 - test_writer_mailbox.c: the mailbox decoder (checked in C) and the trace writer, whose output
   is read back here with traces/reader.py.
+- test_vcpu_stop.c: stopping every vCPU at an epoch end, with threads playing QEMU's vCPUs (idle
+  and resume under a global lock, exclusive sections).
 """
 
 from __future__ import annotations
@@ -45,6 +47,19 @@ def test_pt_walk(tmp_path):
     r = subprocess.run([exe, str(tmp_path / "ram.bin")], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
+    assert "all checks passed" in r.stdout
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4, 8])
+def test_vcpu_stop(tmp_path, threads):
+    """No simulated vCPU runs a block while the world is held, a stop gives way to an exclusive
+    section (the run ends: no deadlock), every thread's idle/resume keeps the count right."""
+    exe = _compile(tmp_path, "test_vcpu_stop",
+                   [os.path.join(HERE, "c", "test_vcpu_stop.c"),
+                    os.path.join(TRACER, "vcpu_stop.c")], [*_pkg("--libs"), "-lpthread"])
+    r = subprocess.run([exe, str(threads), "2000"], capture_output=True, text=True, timeout=600)
+    print(r.stdout)
+    assert r.returncode == 0, r.stdout + r.stderr
     assert "all checks passed" in r.stdout
 
 
