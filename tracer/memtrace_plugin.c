@@ -24,9 +24,8 @@
  *   on old host kernels, a per-store callback that marks frames in a bitmap), hashed with
  *   xxh3_128 from the plugin's read-only mapping of the RAM file, and a PAGE record is written
  *   for each frame whose hash changed.
- * - writes mode: additionally a per-store callback records each store (API 4: the stored value
- *   from qemu_plugin_mem_get_value; API 1: read back from the RAM file, QEMU stores before it
- *   calls) in its vCPU's buffer, which goes to the trace when full and at every stop, after a
+ * - writes mode: additionally a per-store callback records each store, with its value read
+ *   back from the RAM file (QEMU stores before it calls; see vcpu_store()), in its vCPU's buffer, which goes to the trace when full and at every stop, after a
  *   VCPU record (FORMAT.md); at each epoch end an UNSEEN record per 8-byte word that changed
  *   without a store record (found by comparing the written frames with a shadow of RAM that
  *   the records update in trace order; see reconcile_frame()).
@@ -116,12 +115,6 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 #define HAVE_SCOREBOARD 1
 #else
 #define HAVE_SCOREBOARD 0
-#endif
-/* API 4 (QEMU 9.2+) tells the value a store wrote. */
-#if QEMU_PLUGIN_VERSION >= 4
-#define HAVE_MEM_VALUE 1
-#else
-#define HAVE_MEM_VALUE 0
 #endif
 /* API 3+: added to a vCPU's check counter to make it check at its next block (a count of
  * instructions never reaches it, so the low bits stay the count). */
@@ -1267,8 +1260,8 @@ static void vcpu_resume(qemu_plugin_id_t id, unsigned int vcpu_index)
 
 /* ---- stores -------------------------------------------------------------------------------- */
 
-/* One store (of at most a page's rest) by vCPU v; value: its bytes, or NULL: read them back. */
-static inline void record_store(unsigned v, uint64_t pa, unsigned size, const uint8_t *value)
+/* One store (of at most a page's rest) by vCPU v, its bytes read back from RAM. */
+static inline void record_store(unsigned v, uint64_t pa, unsigned size)
 {
     if (pa >= S.cfg.ram_size || in_mailbox(pa >> PAGE_SHIFT)) {
         return;
@@ -1278,7 +1271,7 @@ static inline void record_store(unsigned v, uint64_t pa, unsigned size, const ui
         mark_written_by(c, pa >> PAGE_SHIFT);
     }
     if (S.cfg.writes_mode) {
-        const uint8_t *src = value ? value : S.ram + pa;
+        const uint8_t *src = S.ram + pa;
         while (size) {
             unsigned n = size > 8 ? 8 : size;
             uint64_t val = 0;
@@ -1312,37 +1305,23 @@ static void vcpu_store(unsigned int vcpu_index, qemu_plugin_meminfo_t info, uint
     }
     uint64_t pa = qemu_plugin_hwaddr_phys_addr(hw);
     unsigned size = 1u << qemu_plugin_mem_size_shift(info);
-    const uint8_t *value = NULL;
-#if HAVE_MEM_VALUE
-    /* the value this store wrote: with several vCPUs, RAM may already hold another's */
-    uint8_t bytes[16];
-    if (S.cfg.writes_mode && size <= sizeof(bytes)) {
-        qemu_plugin_mem_value mv = qemu_plugin_mem_get_value(info);
-        switch (mv.type) {
-        case QEMU_PLUGIN_MEM_VALUE_U8: memcpy(bytes, &mv.data.u8, 1); break;
-        case QEMU_PLUGIN_MEM_VALUE_U16: memcpy(bytes, &mv.data.u16, 2); break;
-        case QEMU_PLUGIN_MEM_VALUE_U32: memcpy(bytes, &mv.data.u32, 4); break;
-        case QEMU_PLUGIN_MEM_VALUE_U64: memcpy(bytes, &mv.data.u64, 8); break;
-        case QEMU_PLUGIN_MEM_VALUE_U128:
-            memcpy(bytes, &mv.data.u128.low, 8);
-            memcpy(bytes + 8, &mv.data.u128.high, 8);
-            break;
-        }
-        value = bytes;
-    }
-#endif
+    /* The value is read back from RAM (QEMU stores before it calls), not taken from
+     * qemu_plugin_mem_get_value (API 4): under multi-threaded TCG QEMU 10's atomic helpers
+     * report a failed cmpxchg as a store of its new value, which never reached memory
+     * (the single scenario on 2 vCPUs: 91,602 UNSEEN words instead of 1,281). With several
+     * vCPUs the bytes read back may already be another vCPU's; the epoch's UNSEEN records set
+     * them right. */
     unsigned in_page = PAGE_SIZE - (unsigned)(vaddr & (PAGE_SIZE - 1));
     if (size <= in_page) {
-        record_store(vcpu_index, pa, size, value);
+        record_store(vcpu_index, pa, size);
         return;
     }
     /* a store across a page boundary: the second page has its own physical address (both
      * pages are in the TLB after the store) */
-    record_store(vcpu_index, pa, in_page, value);
+    record_store(vcpu_index, pa, in_page);
     hw = qemu_plugin_get_hwaddr(info, vaddr + in_page);
     if (hw && !qemu_plugin_hwaddr_is_io(hw)) {
-        record_store(vcpu_index, qemu_plugin_hwaddr_phys_addr(hw), size - in_page,
-                     value ? value + in_page : NULL);
+        record_store(vcpu_index, qemu_plugin_hwaddr_phys_addr(hw), size - in_page);
     }
 }
 
