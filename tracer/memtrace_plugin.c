@@ -1296,7 +1296,10 @@ static void vcpu_store(unsigned int vcpu_index, qemu_plugin_meminfo_t info, uint
                        void *udata)
 {
     (void)udata;
-    if (!__atomic_load_n(&S.active, __ATOMIC_RELAXED)) {
+    /* QEMU 7.2 also calls callbacks registered for QEMU_PLUGIN_MEM_W on loads (plugin-gen.c's
+     * op_rw() tests cb->rw & (rw + 1), and a load's rw + 1 is QEMU_PLUGIN_MEM_W): without this
+     * test every load became a WRITE record of the value in memory */
+    if (!__atomic_load_n(&S.active, __ATOMIC_RELAXED) || !qemu_plugin_mem_is_store(info)) {
         return;
     }
     struct qemu_plugin_hwaddr *hw = qemu_plugin_get_hwaddr(info, vaddr);
