@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-plugin", action="store_true",
                     help="run the scenario under plain TCG without tracing and without the "
                          "guest agent (the baseline for benchmarks)")
+    ap.add_argument("--agent", choices=("auto", "on", "off"), default="auto",
+                    help="load the guest agent (auto: with the plugin only). For telling costs "
+                         "apart: --no-plugin --agent on runs the agent with nothing reading "
+                         "its ring (events dropped once it is full, dumps do not wait); "
+                         "--agent off with the plugin leaves only the plugin's clock (no START "
+                         "comes: the trace holds no records)")
     ap.add_argument("--serial-log", help="keep the guest's serial console here")
     ap.add_argument("--stats", metavar="FILE",
                     help="write the plugin's run statistics here (JSON: records, time spent "
@@ -194,6 +200,7 @@ class Recorder:
             plugin = Path(a.plugin).resolve() if a.plugin else qemus.ensure_plugin(q)
             qemus.preflight(q, plugin, a.smp)  # before the guest: one line if anything is off
         manifest = guest_image()
+        agent = a.agent == "on" or (a.agent == "auto" and not a.no_plugin)
         with tempfile.TemporaryDirectory(prefix="trace-record-") as tmp:
             work = Path(tmp)
             files = manifest.get("files", {})
@@ -201,7 +208,8 @@ class Recorder:
                            initrd=GUEST / files.get("initramfs", {}).get("path",
                                                                         "initramfs.cpio"),
                            append=kernel_cmdline(a.scenario, a.n, a.append + (
-                               " memtrace.agent=0" if a.no_plugin else "")),
+                               " memtrace.agent=0" if not agent else
+                               " memtrace.dump_wait_ms=0" if a.no_plugin else "")),
                            ram_size=ram_size,
                            workdir=work, smp=a.smp, qemu=[str(q.path), *q.args()])
             if plugin is not None:
@@ -222,7 +230,8 @@ class Recorder:
                 run.plugin_args = {
                     "out": str(out.resolve()), "ram": str(run.ram_path),
                     "ram_size": str(ram_size), "mode": a.mode, "epoch": str(a.epoch),
-                    "mailbox": hex(MAILBOX_PHYS), "mailbox_size": str(MAILBOX_SIZE),
+                    "mailbox": hex(MAILBOX_PHYS) if agent else "none",
+                    "mailbox_size": str(MAILBOX_SIZE),
                     "track": a.track, "header": str(header_path), "start": a.start,
                 }
                 if a.verify:
