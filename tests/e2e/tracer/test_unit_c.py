@@ -93,10 +93,17 @@ def _check_contents(path: str) -> None:
     assert (pages["frame"] == i).all() and (pages["hash_lo"] == i * 3).all()
     assert (pages["hash_hi"] == i * 5).all()
     writes = allof(Kind.WRITE)
-    assert len(writes) == 20001
+    assert len(writes) == 20001 + 30000
     j = np.arange(20000, dtype=np.uint64)
     assert (writes["addr"][:20000] == (j * 8) | (np.uint64(8) << np.uint64(56))).all()
     assert (writes["value"][:20000] == j).all()
+    # each WRITE's vCPU from the chunk's VCPU records (vCPU 0 implied at a chunk's start)
+    vcpus = np.concatenate([c.write_vcpus() for c in chunks])
+    assert (vcpus[:20000] == 0).all() and vcpus[-1] == 0
+    runs = writes["value"][20000:50000]
+    assert (vcpus[20000:50000] == runs >> np.uint64(32)).all()
+    assert ((runs & np.uint64(0xFFFFFFFF)) == np.arange(30000, dtype=np.uint64)).all()
+    assert sum(len(c.records(Kind.VCPU)) for c in chunks) >= 20, "a VCPU record per run"
     assert int(writes["addr"][-1]) == 0x1000 | (3 << 56) and int(writes["value"][-1]) == 0xABCDEF
     assert allof(Kind.UNSEEN).tolist() == [(0x2008 | (8 << 56), 0x1122334455667788)]
     marks, tasks = [], []
