@@ -82,6 +82,7 @@ _Static_assert(sizeof(struct tw_rec_map) == 32, "MAP is 32 bytes");
 _Static_assert(sizeof(struct tw_rec_mark) == 16, "MARK is 16 bytes");
 _Static_assert(sizeof(struct tw_rec_lost) == 16, "LOST is 16 bytes");
 _Static_assert(sizeof(struct tw_rec_counter) == 16, "COUNTER is 16 bytes");
+_Static_assert(sizeof(struct tw_rec_vcpu) == 8, "VCPU is 8 bytes");
 
 struct tw_stats {
     uint64_t chunks;          /* records chunks handed to the writer thread */
