@@ -65,11 +65,16 @@ fetch_header() {
     keyring=/usr/share/keyrings/debian-archive-keyring.gpg
     apt="$build/apt/$suite"
     mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$apt/parts"
-    {
-        echo "deb-src [signed-by=$keyring] $mirror $suite main"
-        echo "deb-src [signed-by=$keyring] $mirror $suite-updates main"
-        echo "deb-src [signed-by=$keyring] $security $suite-security main"
-    } > "$apt/sources.list"
+    case "$suite" in
+        *-backports)  # no -updates or -security suites of their own
+            echo "deb-src [signed-by=$keyring] $mirror $suite main" > "$apt/sources.list" ;;
+        *)
+            {
+                echo "deb-src [signed-by=$keyring] $mirror $suite main"
+                echo "deb-src [signed-by=$keyring] $mirror $suite-updates main"
+                echo "deb-src [signed-by=$keyring] $security $suite-security main"
+            } > "$apt/sources.list" ;;
+    esac
     set -- -o "Dir::Etc::SourceList=$apt/sources.list" -o "Dir::Etc::SourceParts=$apt/parts" \
         -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" \
         -o "APT::Sandbox::User=$(id -un)" -o "Debug::NoLocking=1"
@@ -130,7 +135,7 @@ for h in zstd.h xxhash.h; do
         die "$h missing (apt-get install libzstd-dev libxxhash-dev)"
 done
 
-srcs="memtrace_plugin.c trace_writer.c pt_walk.c wp_track.c mailbox.c json_min.c"
+srcs="memtrace_plugin.c trace_writer.c pt_walk.c wp_track.c mailbox.c json_min.c vcpu_stop.c"
 set --
 for s in $srcs; do set -- "$@" "$here/$s"; done
 # shellcheck disable=SC2046
@@ -138,4 +143,14 @@ for s in $srcs; do set -- "$@" "$here/$s"; done
     -I"$incdir" $(pkg-config --cflags glib-2.0) \
     -o "$out/libmemtrace.so" "$@" \
     $(pkg-config --libs glib-2.0) -lzstd -lxxhash -lpthread
+
+# what this build is for (tracer/qemus.py reads it): the QEMU source whose header it used, that
+# QEMU's major.minor, the plugin API, and a digest of the sources (a stale build is rebuilt)
+source=""
+[ -s "$(dirname "$header")/SOURCE" ] && source=$(cut -d' ' -f1,2 "$(dirname "$header")/SOURCE")
+series=$(echo "$source" | sed -n 's/^[^ ]* \([0-9]*:\)\{0,1\}\([0-9]*\.[0-9]*\).*/\2/p')
+digest=$(for f in $(ls "$here"/*.[ch] | LC_ALL=C sort) "$here/build.sh"; do cat "$f"; done |
+    sha256sum | cut -d' ' -f1)
+printf '{"qemu_source": "%s", "qemu_series": "%s", "plugin_api": %s, "header": "%s", "sources": "%s"}\n' \
+    "$source" "$series" "${api:-0}" "$header" "$digest" > "$out/build.json"
 echo "build.sh: built $out/libmemtrace.so"

@@ -2,9 +2,11 @@
  * Reader of the guest agent's mailbox ring (guest-agent/PROTOCOL.md, version 1).
  *
  * The mailbox lies in guest RAM; the plugin maps that part of the RAM file read-write (the
- * tracer writes `tail`). mb_drain() is called on the vCPU thread, i.e. while the guest is not
- * running (one vCPU), so the ring cannot change under it; head is still read with acquire
- * ordering so the code stays correct if that ever changes.
+ * tracer writes `tail`). The plugin calls mb_drain() with every vCPU stopped or idle
+ * (vcpu_stop.h), but the ring is safe to read while the agent writes on other CPUs anyway: the
+ * agent fills an event's slots, then a write barrier, then advances head, so head is read with
+ * acquire ordering and only slots below it are decoded. mb_pending_slots() and mb_capacity()
+ * are read by running vCPUs too (hints).
  */
 #ifndef MEMTRACE_MAILBOX_H
 #define MEMTRACE_MAILBOX_H

@@ -2,28 +2,33 @@
  * memtrace: a QEMU TCG plugin that records how guest physical memory changes over time, for
  * memory-deduplication research. Output: one trace file in the format of traces/FORMAT.md.
  *
- * Usage (x86-64 system emulation, one vCPU, RAM backed by a shared file):
- *   qemu-system-x86_64 -accel tcg -smp 1 -m 512M \
+ * Usage (x86-64 system emulation, 1 to 64 vCPUs, RAM backed by a shared file):
+ *   qemu-system-x86_64 -accel tcg -smp 4 -m 512M \
  *     -object memory-backend-file,id=ram,size=512M,mem-path=/dev/shm/NAME,share=on \
  *     -machine memory-backend=ram \
  *     -plugin build/tracer/libmemtrace.so,out=trace.mtr,ram=/dev/shm/NAME,ram_size=512M ...
  * Arguments: see usage_text below (also printed when an argument is rejected).
  *
  * How it works
- * - Time is retired guest instructions: every translation block adds its instruction count to a
- *   counter (an inline add, no call). Instructions of a block are counted when the block starts,
- *   so a block left early by an exception counts a few instructions too many.
- *   A cheap per-block check (API 1: a call that compares two integers; API 3+: a conditional
- *   call that QEMU only makes when a per-vCPU counter passes a threshold) finds epoch ends.
+ * - Time is retired guest instructions, summed over the vCPUs: every translation block adds its
+ *   instruction count to its vCPU's counter when it starts (so a block left early by an exception
+ *   counts a few instructions too many). API 3+: an inline add to a per-vCPU scoreboard entry and
+ *   a conditional call that QEMU makes only when that entry passes the check interval, so no C
+ *   call per block; API 1: a small call per block that adds and compares. At a check a vCPU looks
+ *   whether an epoch end (or a drain of the agent's ring) is due.
+ * - Epoch ends stop the world (vcpu_stop.h): the vCPU whose check finds one due stops every other
+ *   running vCPU at a block boundary, does the epoch's work below, and lets them go, so the
+ *   epoch's records describe the memory of one instant. Halted vCPUs are not waited for.
  * - pages mode: at each epoch end the frames written during the epoch are found (see
  *   wp_track.h: userfaultfd WP-async + PAGEMAP_SCAN over QEMU's own mapping of the RAM file; or,
  *   on old host kernels, a per-store callback that marks frames in a bitmap), hashed with
  *   xxh3_128 from the plugin's read-only mapping of the RAM file, and a PAGE record is written
  *   for each frame whose hash changed.
- * - writes mode: additionally a per-store callback writes a WRITE record per store with the
- *   value read back from the RAM file (QEMU performs the store before calling the callback),
- *   and at each epoch end an UNSEEN record per 8-byte word that changed without a callback
- *   (found by comparing the written frames with a shadow of RAM; see reconcile_frame()).
+ * - writes mode: additionally a per-store callback records each store, with its value read
+ *   back from the RAM file (QEMU stores before it calls; see vcpu_store()), in its vCPU's buffer, which goes to the trace when full and at every stop, after a
+ *   VCPU record (FORMAT.md); at each epoch end an UNSEEN record per 8-byte word that changed
+ *   without a store record (found by comparing the written frames with a shadow of RAM that
+ *   the records update in trace order; see reconcile_frame()).
  * - The guest agent's mailbox (mailbox.h) is drained at every epoch end, and in between as soon
  *   as it is half full or the vCPU goes idle; its events become TASK/VMA/PAGECACHE/MARK/COUNTER/
  *   LOST records. Records from a drain between epoch ends get a TIME record of their own (the
@@ -47,11 +52,23 @@
  *   name and arg are carried by the tracer's (arg | 1). Agent events that arrive after the dump
  *   but before START are written right after STATE_END, then MARK START.
  *
- * Threads: QEMU runs callbacks on the vCPU thread; qemu_plugin_install and the atexit callback
- * run on the main thread while no vCPU runs (at exit QEMU has stopped the vCPUs first). The
- * plugin requires one vCPU (-smp 1; install rejects more), so all the state in `S` below is
- * only ever touched by one thread at a time and needs no locks. The trace writer's own thread
- * shares nothing with this file except through trace_writer.c's locked queue.
+ * Threads (who owns what)
+ *   QEMU calls qemu_plugin_install and the atexit callback on its main thread while no vCPU
+ *   runs (at exit QEMU has stopped them); vCPU init on the main thread (QEMU 7.2) or on each
+ *   vCPU's thread (QEMU 10), with QEMU's global lock (BQL) held either way; everything else on
+ *   the vCPU threads, concurrently under multi-threaded TCG. So:
+ *   - `S` (tasks, address spaces, hashes, the written-frame list, the mailbox reader, the clock
+ *     of the trace) is touched only by the thread that holds the world: the leader of a stop
+ *     (vcpu_stop.h), the idle callback of the last vCPU to go idle (it holds the BQL, without
+ *     which no vCPU can resume), or the main thread at install and exit. The world lock in
+ *     vcpu_stop.c orders these hand-overs.
+ *   - Each `struct vcpu` is written by its own thread while it runs (instruction counter, store
+ *     buffer, marked frames) and read by the holder of the world while it is stopped. Counters
+ *     read without stopping (to decide whether to stop) are hints.
+ *   - The trace writer and the writes-mode shadow are also written by a vCPU thread whose store
+ *     buffer is full: `S.trace_lock` serialises that with the holder of the world.
+ *   - The written-frame bitmap is set by store callbacks (callback tracking) with atomic ORs.
+ *   The trace writer's own thread shares only trace_writer.c's locked queue.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -74,6 +91,7 @@
 #include "mailbox.h"
 #include "pt_walk.h"
 #include "trace_writer.h"
+#include "vcpu_stop.h"
 #include "wp_track.h"
 
 QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
@@ -84,7 +102,11 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 #define MAX_RAM (2ull << 30)          /* pc machine: below the PCI hole, phys addr == offset */
 #define DEFAULT_MAILBOX 0x1f000000ull /* PROTOCOL.md defaults */
 #define DEFAULT_MAILBOX_SIZE (1ull << 20)
-#define MAX_CHECK_INTERVAL 1000000ull /* look at the mailbox at least this often */
+#define MAX_CHECK_INTERVAL 1000000ull /* look at the mailbox at least this often (all vCPUs) */
+#define MIN_CHECK_INTERVAL 10000ull
+#define STOP_TIMEOUT_NS 20000000ull   /* a stop gives way to QEMU's exclusive sections after this */
+#define STOP_RETRY_NS 2000000ull      /* ... and is tried again no sooner than this */
+#define WBUF_RECORDS 4096u            /* writes mode: store records buffered per vCPU */
 #define PENDING_CAP (64u << 20)       /* bytes of agent events kept while not tracing */
 #define MAX_MAPS_PER_MM (1u << 24)
 
@@ -94,6 +116,9 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 #else
 #define HAVE_SCOREBOARD 0
 #endif
+/* API 3+: added to a vCPU's check counter to make it check at its next block (a count of
+ * instructions never reaches it, so the low bits stay the count). */
+#define NUDGE (1ull << 40)
 
 static const char usage_text[] =
     "memtrace plugin arguments (key=value, comma separated after the .so path):\n"
@@ -110,7 +135,9 @@ static const char usage_text[] =
     "  start=marker|now    start at the agent's MARK START (default) or at once\n"
     "  stats=PATH          write run statistics as JSON at exit\n"
     "  chunk=BYTES zstd=LEVEL queue=N   writer tuning (defaults 4M; zstd 3 in pages mode, 1 in\n"
-    "                      writes mode, where level 3 cannot keep up with one core; queue 16)\n";
+    "                      writes mode, where level 3 cannot keep up with one core; queue 16)\n"
+    "  probe=on            check that QEMU loads this build with these -smp settings, print\n"
+    "                      one line and refuse to install (trace-record asks before it boots)\n";
 
 enum track_kind { TRACK_AUTO, TRACK_PAGEMAP, TRACK_CALLBACKS };
 
@@ -127,6 +154,7 @@ struct config {
     uint64_t chunk_bytes;
     int zstd_level;
     unsigned queue_depth;
+    bool probe;
 };
 
 /* A task known from agent events. */
@@ -153,6 +181,21 @@ struct evbuf {
 #define EV_LOST 0xff01
 
 /*
+ * One vCPU. Written by its own thread while it runs guest code; read (and the buffers emptied)
+ * by the holder of the world while it is stopped (see the file comment).
+ */
+struct vcpu {
+    uint64_t icount;       /* API 1: instructions retired (added by the per-block call) */
+    uint64_t next_check;   /* API 1: icount of the next check */
+    uint64_t total;        /* API 3+: instructions counted at this vCPU's checks so far */
+    bool known;            /* initialised (QEMU has its scoreboard entry) */
+    struct tw_rec_write *wbuf; /* writes mode: store records not yet in the trace */
+    unsigned wlen;
+    GArray *marked;        /* callback tracking: frames this vCPU was first to mark (uint64) */
+    uint64_t n_write_records;
+} __attribute__((aligned(64)));
+
+/*
  * All plugin state. Owned by whichever single thread runs plugin code (see the file comment).
  */
 static struct {
@@ -161,6 +204,13 @@ static struct {
     bool use_pagemap;     /* written frames from PAGEMAP_SCAN, else from store callbacks */
     bool store_cbs;       /* instrument stores */
     struct tw_writer *tw;
+    GMutex trace_lock;    /* the writer and the shadow: see the file comment */
+
+    /* vCPUs */
+    unsigned max_vcpus;
+    struct vcpu *vcpus;
+    struct vs_world world;
+    GMutex setup_lock;
 
     /* guest RAM */
     bool setup_done;
@@ -176,17 +226,17 @@ static struct {
     GArray *written_list; /* the same frames as a list (uint64) */
 
     /* time */
-    uint64_t icount;      /* API 1: inline-incremented instruction counter */
-    uint64_t next_epoch, next_check, check_interval;
+    uint64_t next_epoch, check_interval; /* next_epoch: read by vCPUs at checks (a hint) */
     uint64_t now, epoch_no;
     bool time_written;    /* TIME(now) already written */
 #if HAVE_SCOREBOARD
     struct qemu_plugin_scoreboard *sb;
-    qemu_plugin_u64 sb_total, sb_since;
+    qemu_plugin_u64 sb_since;  /* per vCPU: instructions since its last check (+ NUDGE) */
 #endif
 
     /* traced region */
-    bool active, started_once;
+    bool active, started_once; /* active: read by store callbacks (relaxed) */
+    bool dead;            /* fatal() closed the trace: callbacks do nothing */
     bool stop_image_saved;
     uint64_t start_icount;  /* guest instructions and host time at START, for clock_hz */
     int64_t start_host_us;
@@ -249,6 +299,8 @@ static void G_GNUC_NORETURN G_GNUC_PRINTF(1, 2) fatal(const char *fmt, ...)
     char *s = g_strdup_vprintf(fmt, ap);
     va_end(ap);
     fprintf(stderr, "memtrace: fatal: %s\n", s);
+    __atomic_store_n(&S.active, false, __ATOMIC_RELAXED);
+    __atomic_store_n(&S.dead, true, __ATOMIC_RELAXED);
     if (S.tw) {
         struct tw_writer *w = S.tw;
         char *err = NULL;
@@ -259,6 +311,7 @@ static void G_GNUC_NORETURN G_GNUC_PRINTF(1, 2) fatal(const char *fmt, ...)
         }
     }
     g_free(s);
+    vs_abandon(&S.world); /* vCPUs waiting for a release must not hold up QEMU's exit */
     exit(1);
 }
 
@@ -274,12 +327,36 @@ static inline void hash_frame(uint64_t frame, uint64_t *lo, uint64_t *hi)
     *hi = h.high64;
 }
 
+/* Holder of the world: frame joins the epoch's written frames. */
 static inline void mark_written(uint64_t frame)
 {
     uint8_t bit = (uint8_t)(1u << (frame & 7));
     if (!(S.written[frame >> 3] & bit)) {
         S.written[frame >> 3] |= bit;
         g_array_append_val(S.written_list, frame);
+    }
+}
+
+/* A store callback (callback tracking): the first vCPU to mark a frame lists it. */
+static inline void mark_written_by(struct vcpu *c, uint64_t frame)
+{
+    uint8_t bit = (uint8_t)(1u << (frame & 7));
+    uint8_t *b = &S.written[frame >> 3];
+    if (!(__atomic_load_n(b, __ATOMIC_RELAXED) & bit) &&
+        !(__atomic_fetch_or(b, bit, __ATOMIC_RELAXED) & bit)) {
+        g_array_append_val(c->marked, frame);
+    }
+}
+
+/* Holder of the world: the frames the vCPUs marked join the epoch's list. */
+static void merge_marked(void)
+{
+    for (unsigned v = 0; v < S.max_vcpus; v++) {
+        GArray *m = S.vcpus[v].marked;
+        if (m && m->len) {
+            g_array_append_vals(S.written_list, m->data, m->len);
+            g_array_set_size(m, 0);
+        }
     }
 }
 
@@ -494,6 +571,7 @@ static void collect_written(void)
         }
         S.scan_ns += now_ns() - t0;
     } else {
+        merge_marked();
         /* Store callbacks miss the accessed/dirty bits that QEMU's page walker sets in page
          * tables: look at every known page-table frame too. Kernel page tables and DMA remain
          * invisible in this mode. */
@@ -577,6 +655,7 @@ static void emit_changed_pages(void)
 
 static void clear_written(void)
 {
+    merge_marked(); /* their bits are set too */
     GArray *l = S.written_list;
     for (guint i = 0; i < l->len; i++) {
         uint64_t f = g_array_index(l, uint64_t, i);
@@ -961,11 +1040,69 @@ static void drain_mailbox(void)
     finish_stop();
 }
 
+/* ---- the clock ----------------------------------------------------------------------------- */
+
+/* Instructions vCPU v has retired (exact while it is stopped or idle, a hint otherwise). */
+static uint64_t vcpu_icount(unsigned v)
+{
+    const struct vcpu *c = &S.vcpus[v];
+    if (!c->known) {
+        return 0;
+    }
+#if HAVE_SCOREBOARD
+    uint64_t since = qemu_plugin_u64_get(S.sb_since, v) & (NUDGE - 1);
+    return __atomic_load_n(&c->total, __ATOMIC_RELAXED) + since;
+#else
+    return __atomic_load_n(&c->icount, __ATOMIC_RELAXED);
+#endif
+}
+
+/* The trace's clock: instructions retired by all vCPUs (exact when the world is held). */
+static uint64_t clock_now(void)
+{
+    uint64_t sum = 0;
+    for (unsigned v = 0; v < S.max_vcpus; v++) {
+        sum += vcpu_icount(v);
+    }
+    return sum;
+}
+
+/* ---- writes mode: store records per vCPU --------------------------------------------------- */
+
+/* A vCPU's buffered store records go to the trace and the shadow, in order (caller: the holder
+ * of the world, or the vCPU itself, with trace_lock either way). */
+static void write_vcpu_stores(unsigned v)
+{
+    struct vcpu *c = &S.vcpus[v];
+    for (unsigned i = 0; i < c->wlen; i++) {
+        const struct tw_rec_write *r = &c->wbuf[i];
+        uint64_t pa = r->addr & ((1ull << 56) - 1);
+        unsigned n = (unsigned)(r->addr >> 56);
+        memcpy(S.shadow + pa, &r->value, n);
+        tw_write_vcpu(S.tw, v, pa, n, r->value);
+    }
+    c->n_write_records += c->wlen;
+    c->wlen = 0;
+}
+
+/* Holder of the world: every vCPU's buffered stores, before any record of the stop. */
+static void write_all_stores(void)
+{
+    if (!S.cfg.writes_mode) {
+        return;
+    }
+    for (unsigned v = 0; v < S.max_vcpus; v++) {
+        if (S.vcpus[v].wlen) {
+            write_vcpu_stores(v);
+        }
+    }
+}
+
 /* ---- epochs -------------------------------------------------------------------------------- */
 
 static void epoch_end(uint64_t now)
 {
-    S.now = now;
+    S.now = MAX(S.now, now);
     S.epoch_no++;
     S.n_epochs++;
     S.time_written = false;
@@ -979,95 +1116,175 @@ static void epoch_end(uint64_t now)
     }
 }
 
-/* Called on the vCPU thread at least every check_interval instructions. */
-static void on_check(uint64_t icount)
+static bool mailbox_half_full(void)
 {
+    if (!S.cfg.mailbox_on) {
+        return false;
+    }
+    uint64_t cap = mb_capacity(&S.mb);
+    return cap && mb_pending_slots(&S.mb) * 2 >= cap;
+}
+
+/* Whether a check should stop the world (read while vCPUs run: hints, looked at again when
+ * the world is held). */
+static bool stop_due(void)
+{
+    if (S.cfg.start_now && !__atomic_load_n(&S.started_once, __ATOMIC_RELAXED)) {
+        return true;
+    }
+    if (clock_now() >= __atomic_load_n(&S.next_epoch, __ATOMIC_RELAXED)) {
+        return true;
+    }
+    return mailbox_half_full();
+}
+
+/* The work of a stop, with the world held. */
+static void held_work(void)
+{
+    g_mutex_lock(&S.trace_lock);
+    if (S.dead) {
+        g_mutex_unlock(&S.trace_lock);
+        return;
+    }
+    write_all_stores(); /* stores made before this instant, before its TIME record */
+    uint64_t icount = clock_now();
     if (!S.started_once && S.cfg.start_now) {
-        S.now = icount;
+        S.now = MAX(S.now, icount);
         S.time_written = false;
         activate("start=now", 0);
     }
     if (icount >= S.next_epoch) {
         epoch_end(icount);
-        S.next_epoch = (icount / S.cfg.epoch + 1) * S.cfg.epoch;
-    } else if (S.cfg.mailbox_on) {
-        uint64_t cap = mb_capacity(&S.mb);
-        if (cap && mb_pending_slots(&S.mb) * 2 >= cap) {
-            /* drain early so the agent does not drop events; records get a TIME of their own */
-            S.now = icount;
-            S.time_written = false;
-            S.n_early_drains++;
-            drain_mailbox();
-        }
+        __atomic_store_n(&S.next_epoch, (icount / S.cfg.epoch + 1) * S.cfg.epoch,
+                         __ATOMIC_RELAXED);
+    } else if (mailbox_half_full()) {
+        /* drain early so the agent does not drop events; records get a TIME of their own */
+        S.now = MAX(S.now, icount);
+        S.time_written = false;
+        S.n_early_drains++;
+        drain_mailbox();
     }
-    uint64_t next = icount + S.check_interval;
-    S.next_check = next < S.next_epoch ? next : S.next_epoch;
+    g_mutex_unlock(&S.trace_lock);
+}
+
+/* A vCPU's check (at least every check_interval of its instructions, and when nudged). */
+static void on_check(unsigned vcpu)
+{
+    if (__atomic_load_n(&S.dead, __ATOMIC_RELAXED)) {
+        return;
+    }
+    if (vs_pending(&S.world)) {
+        vs_join(&S.world, vcpu);
+    }
+    if (stop_due() && vs_stop(&S.world, vcpu)) {
+        held_work();
+        vs_release(&S.world);
+    }
 }
 
 #if HAVE_SCOREBOARD
+/* QEMU calls this only when the vCPU's `since` entry reached check_interval (or was nudged). */
 static void vcpu_tb_check(unsigned int vcpu_index, void *udata)
 {
     (void)udata;
+    struct vcpu *c = &S.vcpus[vcpu_index];
+    uint64_t since = qemu_plugin_u64_get(S.sb_since, vcpu_index);
     qemu_plugin_u64_set(S.sb_since, vcpu_index, 0);
-    on_check(qemu_plugin_u64_get(S.sb_total, vcpu_index));
+    __atomic_store_n(&c->total, c->total + (since & (NUDGE - 1)), __ATOMIC_RELAXED);
+    on_check(vcpu_index);
+}
+
+/* Makes a running vCPU check at its next block (called by vcpu_stop.c, world lock held). The
+ * owner's non-atomic inline add may overwrite it: the leader nudges again until it comes. */
+static void nudge_vcpu(void *ctx, unsigned vcpu)
+{
+    (void)ctx;
+    if (vcpu < S.max_vcpus && S.vcpus[vcpu].known) {
+        uint64_t *since = qemu_plugin_scoreboard_find(S.sb, vcpu);
+        __atomic_fetch_add(since, NUDGE, __ATOMIC_RELAXED);
+    }
 }
 #else
+/* API 1: a call per block; udata is the block's instruction count. */
 static void vcpu_tb_exec(unsigned int vcpu_index, void *udata)
 {
-    (void)vcpu_index;
-    (void)udata;
-    if (__builtin_expect(S.icount < S.next_check, 1)) {
+    struct vcpu *c = &S.vcpus[vcpu_index];
+    uint64_t n = c->icount + (uintptr_t)udata;
+    __atomic_store_n(&c->icount, n, __ATOMIC_RELAXED);
+    if (__builtin_expect(n < c->next_check, 1) && !vs_pending(&S.world)) {
         return;
     }
-    on_check(S.icount);
+    c->next_check = n + S.check_interval;
+    on_check(vcpu_index);
 }
-#endif
 
-static uint64_t current_icount(void)
+static void nudge_vcpu(void *ctx, unsigned vcpu)
 {
-#if HAVE_SCOREBOARD
-    return qemu_plugin_u64_sum(S.sb_total);
-#else
-    return S.icount;
-#endif
+    (void)ctx;
+    (void)vcpu; /* every block looks at vs_pending() */
 }
+#endif
 
 /*
- * The vCPU halted (guest idle). The agent's state dump waits for ring space while the guest
- * idles, and an idle guest runs few instructions, so drain here instead of waiting for the next
- * instruction-count check. Runs on the vCPU thread while it executes no guest code.
+ * A vCPU halted (guest idle) or was stopped by QEMU. When it is the last one running, the guest
+ * is stopped (this thread holds the BQL, see vcpu_stop.h), so the agent's events are drained
+ * here: a state dump waits for ring space while the guest idles, and an idle guest runs few
+ * instructions. With vCPUs still running, their checks drain it.
  */
 static void vcpu_idle(qemu_plugin_id_t id, unsigned int vcpu_index)
 {
     (void)id;
-    (void)vcpu_index;
-    if (S.setup_done && S.cfg.mailbox_on && mb_pending_slots(&S.mb) > 0) {
-        S.now = current_icount();
-        S.time_written = false;
-        S.n_idle_drains++;
-        drain_mailbox();
+    if (!S.setup_done || vcpu_index >= S.max_vcpus || !vs_idle(&S.world, vcpu_index)) {
+        return;
+    }
+    if (S.cfg.mailbox_on && mb_pending_slots(&S.mb) > 0) {
+        g_mutex_lock(&S.trace_lock);
+        if (!S.dead) {
+            write_all_stores();
+            S.now = MAX(S.now, clock_now());
+            S.time_written = false;
+            S.n_idle_drains++;
+            drain_mailbox();
+        }
+        g_mutex_unlock(&S.trace_lock);
+    }
+}
+
+static void vcpu_resume(qemu_plugin_id_t id, unsigned int vcpu_index)
+{
+    (void)id;
+    if (vcpu_index < S.max_vcpus) {
+        vs_resume(&S.world, vcpu_index);
     }
 }
 
 /* ---- stores -------------------------------------------------------------------------------- */
 
-static inline void record_store(uint64_t pa, unsigned size)
+/* One store (of at most a page's rest) by vCPU v, its bytes read back from RAM. */
+static inline void record_store(unsigned v, uint64_t pa, unsigned size)
 {
     if (pa >= S.cfg.ram_size || in_mailbox(pa >> PAGE_SHIFT)) {
         return;
     }
+    struct vcpu *c = &S.vcpus[v];
     if (!S.use_pagemap) {
-        mark_written(pa >> PAGE_SHIFT);
+        mark_written_by(c, pa >> PAGE_SHIFT);
     }
     if (S.cfg.writes_mode) {
         const uint8_t *src = S.ram + pa;
-        memcpy(S.shadow + pa, src, size);
         while (size) {
             unsigned n = size > 8 ? 8 : size;
-            uint64_t v = 0;
-            memcpy(&v, src, n);
-            tw_write(S.tw, pa, n, v);
-            S.n_write_records++;
+            uint64_t val = 0;
+            memcpy(&val, src, n);
+            if (c->wlen == WBUF_RECORDS) {
+                g_mutex_lock(&S.trace_lock);
+                if (!S.dead) {
+                    write_vcpu_stores(v);
+                }
+                c->wlen = 0;
+                g_mutex_unlock(&S.trace_lock);
+            }
+            c->wbuf[c->wlen++] = (struct tw_rec_write){ pa | ((uint64_t)n << 56), val };
             pa += n;
             src += n;
             size -= n;
@@ -1078,9 +1295,11 @@ static inline void record_store(uint64_t pa, unsigned size)
 static void vcpu_store(unsigned int vcpu_index, qemu_plugin_meminfo_t info, uint64_t vaddr,
                        void *udata)
 {
-    (void)vcpu_index;
     (void)udata;
-    if (!S.active) {
+    /* QEMU 7.2 also calls callbacks registered for QEMU_PLUGIN_MEM_W on loads (plugin-gen.c's
+     * op_rw() tests cb->rw & (rw + 1), and a load's rw + 1 is QEMU_PLUGIN_MEM_W): without this
+     * test every load became a WRITE record of the value in memory */
+    if (!__atomic_load_n(&S.active, __ATOMIC_RELAXED) || !qemu_plugin_mem_is_store(info)) {
         return;
     }
     struct qemu_plugin_hwaddr *hw = qemu_plugin_get_hwaddr(info, vaddr);
@@ -1089,17 +1308,23 @@ static void vcpu_store(unsigned int vcpu_index, qemu_plugin_meminfo_t info, uint
     }
     uint64_t pa = qemu_plugin_hwaddr_phys_addr(hw);
     unsigned size = 1u << qemu_plugin_mem_size_shift(info);
+    /* The value is read back from RAM (QEMU stores before it calls), not taken from
+     * qemu_plugin_mem_get_value (API 4): under multi-threaded TCG QEMU 10's atomic helpers
+     * report a failed cmpxchg as a store of its new value, which never reached memory
+     * (the single scenario on 2 vCPUs: 91,602 UNSEEN words instead of 1,281). With several
+     * vCPUs the bytes read back may already be another vCPU's; the epoch's UNSEEN records set
+     * them right. */
     unsigned in_page = PAGE_SIZE - (unsigned)(vaddr & (PAGE_SIZE - 1));
     if (size <= in_page) {
-        record_store(pa, size);
+        record_store(vcpu_index, pa, size);
         return;
     }
     /* a store across a page boundary: the second page has its own physical address (both
      * pages are in the TLB after the store) */
-    record_store(pa, in_page);
+    record_store(vcpu_index, pa, in_page);
     hw = qemu_plugin_get_hwaddr(info, vaddr + in_page);
     if (hw && !qemu_plugin_hwaddr_is_io(hw)) {
-        record_store(qemu_plugin_hwaddr_phys_addr(hw), size - in_page);
+        record_store(vcpu_index, qemu_plugin_hwaddr_phys_addr(hw), size - in_page);
     }
 }
 
@@ -1108,16 +1333,17 @@ static void vcpu_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
     (void)id;
     size_t n = qemu_plugin_tb_n_insns(tb);
 #if HAVE_SCOREBOARD
-    qemu_plugin_register_vcpu_tb_exec_inline_per_vcpu(tb, QEMU_PLUGIN_INLINE_ADD_U64, S.sb_total,
-                                                      n);
+    /* no C call per block: one inline add, and a call only when the count passes the check
+     * interval (the add is registered first, so the check sees this block counted) */
     qemu_plugin_register_vcpu_tb_exec_inline_per_vcpu(tb, QEMU_PLUGIN_INLINE_ADD_U64, S.sb_since,
                                                       n);
     qemu_plugin_register_vcpu_tb_exec_cond_cb(tb, vcpu_tb_check, QEMU_PLUGIN_CB_NO_REGS,
                                               QEMU_PLUGIN_COND_GE, S.sb_since, S.check_interval,
                                               NULL);
 #else
-    qemu_plugin_register_vcpu_tb_exec_inline(tb, QEMU_PLUGIN_INLINE_ADD_U64, &S.icount, n);
-    qemu_plugin_register_vcpu_tb_exec_cb(tb, vcpu_tb_exec, QEMU_PLUGIN_CB_NO_REGS, NULL);
+    /* API 1 inline adds are not atomic and shared by every vCPU: count in the call instead */
+    qemu_plugin_register_vcpu_tb_exec_cb(tb, vcpu_tb_exec, QEMU_PLUGIN_CB_NO_REGS,
+                                         (void *)(uintptr_t)n);
 #endif
     if (S.store_cbs) {
         for (size_t i = 0; i < n; i++) {
@@ -1193,19 +1419,32 @@ static void setup_ram(void)
     S.setup_done = true;
 }
 
+/* QEMU 7.2: on the main thread at realize; QEMU 10: on the vCPU's thread before it runs guest
+ * code. The BQL is held either way. */
 static void vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index)
 {
     (void)id;
-    if (vcpu_index > 0) {
-        fatal("more than one vCPU: memtrace supports -smp 1 only");
+    if (vcpu_index >= S.max_vcpus) {
+        fatal("vCPU %u: QEMU was started with at most %u", vcpu_index, S.max_vcpus);
     }
+    g_mutex_lock(&S.setup_lock);
     if (!S.setup_done) {
         setup_ram();
     }
+    g_mutex_unlock(&S.setup_lock);
+    struct vcpu *c = &S.vcpus[vcpu_index];
 #if HAVE_SCOREBOARD
     /* make the first block check at once (start=now starts before the first instruction) */
     qemu_plugin_u64_set(S.sb_since, vcpu_index, S.check_interval);
+#else
+    c->next_check = 0;
 #endif
+    if (S.cfg.writes_mode) {
+        c->wbuf = g_new(struct tw_rec_write, WBUF_RECORDS);
+    }
+    c->marked = g_array_new(FALSE, FALSE, sizeof(uint64_t));
+    c->known = true;
+    vs_vcpu_init(&S.world, vcpu_index);
 }
 
 /* ---- exit ---------------------------------------------------------------------------------- */
@@ -1227,14 +1466,19 @@ static void write_stats(const char *path, const struct tw_stats *ts, uint64_t ic
         ", \"mailbox_errors\": %" PRIu64 ", \"scan_seconds\": %.6f, \"hash_seconds\": %.6f"
         ", \"walk_seconds\": %.6f, \"chunks\": %" PRIu64 ", \"records\": %" PRIu64
         ", \"raw_bytes\": %" PRIu64 ", \"file_bytes\": %" PRIu64 ", \"writer_stalls\": %" PRIu64
-        ", \"writer_stall_seconds\": %.6f, \"chunks_dropped\": %" PRIu64 "}\n",
+        ", \"writer_stall_seconds\": %.6f, \"chunks_dropped\": %" PRIu64
+        ", \"vcpus\": %u, \"stops\": %" PRIu64 ", \"stop_aborts\": %" PRIu64
+        ", \"stop_gather_seconds\": %.6f, \"stop_gather_max_seconds\": %.6f"
+        ", \"resume_waits\": %" PRIu64 "}\n",
         icount, S.n_epochs, S.cfg.epoch, S.use_pagemap ? "pagemap-scan" : "store-callbacks",
         S.cfg.writes_mode ? "writes" : "pages", S.started_once ? "true" : "false",
         S.n_page_records, S.n_pages_hashed, S.n_write_records, S.n_unseen_records,
         S.n_map_records, S.n_walks, S.n_events, S.n_states, S.n_drains, S.n_early_drains, S.n_idle_drains, S.lost_ring_full,
         S.lost_seq_gap,
         S.mb.bad, S.scan_ns / 1e9, S.hash_ns / 1e9, S.walk_ns / 1e9, ts->chunks, ts->records,
-        ts->raw_bytes, ts->file_bytes, ts->stalls, ts->stall_ns / 1e9, ts->chunks_dropped);
+        ts->raw_bytes, ts->file_bytes, ts->stalls, ts->stall_ns / 1e9, ts->chunks_dropped,
+        S.max_vcpus, S.world.stops, S.world.aborts, S.world.gather_ns / 1e9,
+        S.world.max_gather_ns / 1e9, S.world.resume_waits);
     GError *gerr = NULL;
     if (!g_file_set_contents(path, s->str, (gssize)s->len, &gerr)) {
         warn("cannot write stats file: %s", gerr->message);
@@ -1250,11 +1494,13 @@ static void plugin_exit(qemu_plugin_id_t id, void *udata)
     if (!S.tw) {
         return; /* fatal() already closed the trace */
     }
-    uint64_t icount = current_icount();
+    /* every vCPU has stopped: this thread holds the world */
+    uint64_t icount = S.setup_done ? clock_now() : 0;
     /* QEMU gave up before the guest ran (e.g. a missing -initrd file): stay quiet so that
      * QEMU's own error remains the last line on stderr */
     bool quiet = icount == 0;
     if (S.setup_done) {
+        write_all_stores();
         epoch_end(icount);
         if (S.active) {
             emit_clock_rate();
@@ -1267,6 +1513,9 @@ static void plugin_exit(qemu_plugin_id_t id, void *udata)
     if (!S.started_once && !quiet) {
         warn("no MARK START from the guest agent: the trace holds no records "
              "(use start=now to trace from the first instruction)");
+    }
+    for (unsigned v = 0; v < S.max_vcpus; v++) {
+        S.n_write_records += S.vcpus[v].n_write_records;
     }
     tw_flush(S.tw);
     struct tw_stats ts = tw_get_stats(S.tw);
@@ -1409,7 +1658,7 @@ static void jobj_member_cb(void *ctx, const char *key, size_t klen, const char *
 /* Keys the plugin alone may set: they describe what this file contains. */
 static const char *const protected_keys[] = {
     "format_version", "page_size", "ram_size", "clock_unit", "source", "mode", "tracking",
-    "epoch_length", "hash", NULL,
+    "epoch_length", "hash", "vcpus", NULL,
 };
 
 static bool merge_header_file(struct jobj *hdr, const char *path, char **err)
@@ -1511,6 +1760,7 @@ static char *build_header(const qemu_info_t *info, char **err)
     jobj_set_str(&h, "mode", c->writes_mode ? "writes" : "pages");
     jobj_set_str(&h, "tracking", S.use_pagemap ? "pagemap-scan" : "store-callbacks");
     jobj_set_u64(&h, "epoch_length", c->epoch);
+    jobj_set_u64(&h, "vcpus", S.max_vcpus);
     jobj_set_str(&h, "hash", "xxh3_128");
     char *cmd = qemu_command_line();
     jobj_set_str(&h, "command", cmd);
@@ -1641,6 +1891,11 @@ static int parse_args(int argc, char **argv)
                 return reject("zstd=%s: expected a level 1..19", val);
             }
             c->zstd_level = (int)v;
+        } else if (!strcmp(key, "probe")) {
+            if (strcmp(val, "on")) {
+                return reject("probe=%s: expected on", val);
+            }
+            c->probe = true;
         } else if (!strcmp(key, "queue")) {
             if (!parse_size(val, &v) || v < 1 || v > 1024) {
                 return reject("queue=%s: expected 1..1024 chunks", val);
@@ -1652,6 +1907,9 @@ static int parse_args(int argc, char **argv)
     }
     if (c->zstd_level == 0) {
         c->zstd_level = c->writes_mode ? 1 : 3;
+    }
+    if (c->probe) {
+        return 0;
     }
     if (!c->out || !*c->out) {
         return reject("out=PATH is required");
@@ -1695,9 +1953,16 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
         return reject("target %s: only x86_64 is supported (page tables, RAM layout)",
                       info->target_name);
     }
-    if (info->system.smp_vcpus > 1 || info->system.max_vcpus > 1) {
-        return reject("%d vCPUs: memtrace supports one vCPU (-smp 1); its state is not "
-                      "shared safely between vCPU threads", info->system.max_vcpus);
+    if (info->system.max_vcpus < 1 || info->system.max_vcpus > VS_MAX_VCPUS) {
+        return reject("-smp %d (maxcpus %d): this build of memtrace supports 1 to %d vCPUs",
+                      info->system.smp_vcpus, info->system.max_vcpus, VS_MAX_VCPUS);
+    }
+    S.max_vcpus = (unsigned)info->system.max_vcpus;
+    if (c->probe) {
+        /* one line for trace-record, then refuse, so QEMU stops before it builds a machine */
+        fprintf(stderr, "memtrace: probe ok: plugin API %d (QEMU accepts %d to %d), %u vCPUs\n",
+                QEMU_PLUGIN_VERSION, info->version.min, info->version.cur, S.max_vcpus);
+        return -1;
     }
 
     /* how to find written frames */
@@ -1746,17 +2011,24 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
     S.tasks = g_hash_table_new_full(g_direct_hash, g_direct_equal, NULL, g_free);
     S.mms = g_hash_table_new_full(g_int64_hash, g_int64_equal, NULL, mm_free);
 
-    S.check_interval = c->epoch < MAX_CHECK_INTERVAL ? c->epoch : MAX_CHECK_INTERVAL;
+    /* each vCPU checks every check_interval of its own instructions: all of them together at
+     * least every MAX_CHECK_INTERVAL (or epoch) instructions */
+    uint64_t every = c->epoch < MAX_CHECK_INTERVAL ? c->epoch : MAX_CHECK_INTERVAL;
+    S.check_interval = MAX(every / S.max_vcpus, MIN(every, MIN_CHECK_INTERVAL));
     S.next_epoch = c->epoch;
-    S.next_check = 0; /* first block: start=now starts before the first instruction */
+    S.vcpus = aligned_alloc(64, S.max_vcpus * sizeof(struct vcpu));
+    memset(S.vcpus, 0, S.max_vcpus * sizeof(struct vcpu));
+    g_mutex_init(&S.trace_lock);
+    g_mutex_init(&S.setup_lock);
+    vs_init(&S.world, STOP_TIMEOUT_NS, STOP_RETRY_NS, nudge_vcpu, NULL);
 #if HAVE_SCOREBOARD
-    S.sb = qemu_plugin_scoreboard_new(2 * sizeof(uint64_t));
-    S.sb_total = (qemu_plugin_u64){ S.sb, 0 };
-    S.sb_since = (qemu_plugin_u64){ S.sb, sizeof(uint64_t) };
+    S.sb = qemu_plugin_scoreboard_new(sizeof(uint64_t));
+    S.sb_since = (qemu_plugin_u64){ S.sb, 0 };
 #endif
 
     qemu_plugin_register_vcpu_init_cb(id, vcpu_init);
     qemu_plugin_register_vcpu_idle_cb(id, vcpu_idle);
+    qemu_plugin_register_vcpu_resume_cb(id, vcpu_resume);
     qemu_plugin_register_vcpu_tb_trans_cb(id, vcpu_tb_trans);
     qemu_plugin_register_atexit_cb(id, plugin_exit, NULL);
     return 0;

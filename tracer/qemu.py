@@ -1,8 +1,9 @@
 """Find and start QEMU for tracing: paths, versions, the command line, the QMP session.
 
-One place that knows how our guest is booted: TCG, one vCPU, no default devices (no DMA after
-boot), RAM in a shared file under /dev/shm that the plugin maps too, kernel and initramfs from the
-guest image, serial console to a log file, QMP on a unix socket.
+One place that knows how our guest is booted: TCG (multi-threaded with several vCPUs), no
+default devices (no DMA after boot), RAM in a shared file under /dev/shm that the plugin maps
+too, kernel and initramfs from the guest image, serial console to a log file, QMP on a unix
+socket.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class GuestRun:
     ram_size: int = 512 << 20
     plugin_args: dict[str, str] | None = None  # None: plain TCG, no plugin
     workdir: Path = field(default_factory=lambda: Path("/tmp"))
+    smp: int = 1
+    qemu: list[str] | None = None  # the binary and its leading arguments (-L); None: the system's
+    plugin: Path = PLUGIN
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @property
@@ -84,8 +88,10 @@ class GuestRun:
 
     def command(self) -> list[str]:
         mib = self.ram_size >> 20
+        accel = "tcg,thread=multi" if self.smp > 1 else "tcg"
         cmd = [
-            qemu_binary(), "-accel", "tcg", "-smp", "1", "-m", f"{mib}M",
+            *(self.qemu or [qemu_binary()]), "-accel", accel, "-smp", str(self.smp),
+            "-m", f"{mib}M",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-object", f"memory-backend-file,id=ram,size={mib}M,mem-path={self.ram_path},"
                        "share=on",
@@ -95,10 +101,11 @@ class GuestRun:
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]
         if self.plugin_args is not None:
-            if not PLUGIN.exists():
-                raise SetupError(f"tracer plugin {PLUGIN} is not built: run bash tracer/build.sh")
+            if not self.plugin.exists():
+                raise SetupError(f"tracer plugin {self.plugin} is not built: run bash "
+                                 "tracer/build.sh")
             args = ",".join(f"{k}={v}" for k, v in self.plugin_args.items())
-            cmd += ["-plugin", f"{PLUGIN},{args}"]
+            cmd += ["-plugin", f"{self.plugin},{args}"]
         return cmd
 
     def cleanup(self) -> None:

@@ -23,23 +23,22 @@ from typing import Any
 
 from tqdm import tqdm
 
+from memtrace.tracer import qemus
 from memtrace.tracer.qemu import (
     GUEST,
     MAILBOX_PHYS,
     MAILBOX_SIZE,
-    PLUGIN,
     ROOT,
     GuestRun,
     QemuProcess,
     SetupError,
     parse_size,
-    qemu_binary,
-    qemu_version,
 )
 from memtrace.traces.reader import TraceError, follow
 from memtrace.traces.writer import mark_incomplete
 
-SCENARIOS = ("single", "terminal-server", "zero-install", "server-heap", "ksm", "idle")
+SCENARIOS = ("single", "terminal-server", "zero-install", "server-heap", "ksm", "idle", "storm",
+             "interleave")
 DONE = re.compile(rb"MEMTRACE-SCENARIO-DONE rc=(-?\d+)")
 VERSION = "0.1.0"
 
@@ -67,12 +66,8 @@ def guest_image(build: bool = True) -> dict[str, Any]:
 
 
 def ensure_plugin() -> None:
-    if not PLUGIN.exists():
-        print("trace-record: building the tracer plugin", file=sys.stderr)
-        r = subprocess.run(["bash", str(ROOT / "tracer" / "build.sh")], timeout=3600)
-        if r.returncode != 0 or not PLUGIN.exists():
-            raise SetupError("building the tracer plugin failed (see above); rerun "
-                             "bash tracer/build.sh")
+    """The plugin for the system's QEMU, built when missing or stale."""
+    qemus.ensure_plugin(qemus.system_qemu())
 
 
 def kernel_cmdline(scenario: str, n: int, extra: str = "") -> str:
@@ -138,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--epoch", type=parse_epoch, default=10_000_000,
                     help="epoch length in guest instructions (default 10M)")
     ap.add_argument("--ram", default="512M", help="guest RAM (default 512M, at most 2G)")
+    ap.add_argument("--smp", type=positive_int, default=1, metavar="N",
+                    help="guest vCPUs (default 1; multi-threaded TCG, one host thread each; "
+                         "the plugin takes up to 64)")
+    ap.add_argument("--qemu", default="system", metavar="PATH|system|10",
+                    help="the QEMU to run: the host's qemu-system-x86_64 (default), 10 (QEMU "
+                         "10: the host's on Debian 13, else the locked bookworm-backports one, "
+                         "unpacked under build/qemu10 on first use), or a path")
+    ap.add_argument("--plugin", metavar="SO",
+                    help="tracer plugin to load (default: the build for that QEMU, built "
+                         "when missing)")
     ap.add_argument("--track", choices=("auto", "pagemap", "callbacks"), default="auto",
                     help="how pages mode finds written frames (default: auto)")
     ap.add_argument("--start", choices=("marker", "now"), default="marker",
@@ -152,7 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-plugin", action="store_true",
                     help="run the scenario under plain TCG without tracing and without the "
                          "guest agent (the baseline for benchmarks)")
+    ap.add_argument("--agent", choices=("auto", "on", "off"), default="auto",
+                    help="load the guest agent (auto: with the plugin only). For telling costs "
+                         "apart: --no-plugin --agent on runs the agent with nothing reading "
+                         "its ring (events dropped once it is full, dumps do not wait); "
+                         "--agent off with the plugin leaves only the plugin's clock (no START "
+                         "comes: the trace holds no records)")
     ap.add_argument("--serial-log", help="keep the guest's serial console here")
+    ap.add_argument("--stats", metavar="FILE",
+                    help="write the plugin's run statistics here (JSON: records, time spent "
+                         "scanning, hashing and walking, stops of the vCPUs, writer waits)")
     ap.add_argument("--append", default="", metavar="PARAMS",
                     help="extra guest kernel command-line parameters (guest-agent/README.md "
                          "lists the memtrace.* ones)")
@@ -176,14 +190,17 @@ class Recorder:
         out = output_path(a)
         if a.timeout <= 0:
             raise SetupError(f"--timeout {a.timeout:g}: give a positive number of seconds")
-        qemu_binary()
-        manifest = guest_image()
-        if not a.no_plugin:
-            ensure_plugin()
         ram_size = parse_size(a.ram)
         if ram_size > 2 << 30:
             raise SetupError("--ram at most 2G (guest physical address == RAM file offset "
                              "only below the PCI hole)")
+        q = qemus.resolve(a.qemu)
+        plugin = None
+        if not a.no_plugin:
+            plugin = Path(a.plugin).resolve() if a.plugin else qemus.ensure_plugin(q)
+            qemus.preflight(q, plugin, a.smp)  # before the guest: one line if anything is off
+        manifest = guest_image()
+        agent = a.agent == "on" or (a.agent == "auto" and not a.no_plugin)
         with tempfile.TemporaryDirectory(prefix="trace-record-") as tmp:
             work = Path(tmp)
             files = manifest.get("files", {})
@@ -191,17 +208,21 @@ class Recorder:
                            initrd=GUEST / files.get("initramfs", {}).get("path",
                                                                         "initramfs.cpio"),
                            append=kernel_cmdline(a.scenario, a.n, a.append + (
-                               " memtrace.agent=0" if a.no_plugin else "")),
+                               " memtrace.agent=0" if not agent else
+                               " memtrace.dump_wait_ms=0" if a.no_plugin else "")),
                            ram_size=ram_size,
-                           workdir=work)
+                           workdir=work, smp=a.smp, qemu=[str(q.path), *q.args()])
+            if plugin is not None:
+                run.plugin = plugin
             header_path = work / "header.json"
             header = {
                 "source": "recorded", "mode": a.mode, "epoch_length": a.epoch,
                 "ram_size": ram_size, "clock_unit": "instructions",
                 "command": " ".join(["trace-record", *sys.argv[1:]]),
-                "scenario": {"name": a.scenario, "n": a.n},
+                "scenario": {"name": a.scenario, "n": a.n, "smp": a.smp},
                 "guest_image": {k: v for k, v in manifest.items() if k != "notes"},
-                "tool_versions": {"qemu": qemu_version(), "memtrace": VERSION},
+                "tool_versions": {"qemu": q.version + (f" ({q.debian})" if q.debian else ""),
+                                  "memtrace": VERSION},
                 "kernel_cmdline": run.append,
             }
             header_path.write_text(json.dumps(header))
@@ -209,11 +230,14 @@ class Recorder:
                 run.plugin_args = {
                     "out": str(out.resolve()), "ram": str(run.ram_path),
                     "ram_size": str(ram_size), "mode": a.mode, "epoch": str(a.epoch),
-                    "mailbox": hex(MAILBOX_PHYS), "mailbox_size": str(MAILBOX_SIZE),
+                    "mailbox": hex(MAILBOX_PHYS) if agent else "none",
+                    "mailbox_size": str(MAILBOX_SIZE),
                     "track": a.track, "header": str(header_path), "start": a.start,
                 }
                 if a.verify:
                     run.plugin_args["stop_image"] = str(run.stop_image_path)
+                if a.stats:
+                    run.plugin_args["stats"] = str(Path(a.stats).resolve())
             try:
                 return await self._boot(run, out, work)
             finally:
@@ -233,8 +257,9 @@ class Recorder:
         assert q.proc is not None
         if q.proc.returncode is not None:
             err = q.stderr_text().strip().splitlines()
-            raise SetupError("QEMU refused to start: " + (err[-1] if err else
-                                                           f"exit code {q.proc.returncode}"))
+            mine = [ln for ln in err if ln.startswith("memtrace: ")]
+            raise SetupError("QEMU refused to start: " + (
+                mine[0] if mine else err[-1] if err else f"exit code {q.proc.returncode}"))
         bar = tqdm(total=None, unit="", desc=f"{a.scenario}",
                    disable=a.quiet or not sys.stderr.isatty(),
                    file=sys.stderr, bar_format="{desc}: {elapsed} {postfix}")

@@ -315,6 +315,7 @@ static void chunk_reset(struct tw_writer *w)
     g_hash_table_remove_all(w->string_ids);
     w->limit = w->chunk_bytes;
     w->chunk_records = 0;
+    w->chunk_vcpu = 0;
     w->t_chunk_start = w->t_now;
 }
 
@@ -438,6 +439,24 @@ void *tw_append_slow(struct tw_writer *w, uint32_t kind, uint32_t size)
     w->blk_count++;
     w->chunk_records++;
     return p;
+}
+
+void tw_vcpu_slow(struct tw_writer *w, uint32_t vcpu)
+{
+    /* the VCPU record and the WRITE after it must share a chunk */
+    size_t need = sizeof(struct tw_rec_write) + BLOCK_HEADER_SIZE;
+    if (w->chunk_vcpu != vcpu) {
+        need += sizeof(struct tw_rec_vcpu) + BLOCK_HEADER_SIZE;
+    }
+    if (w->len + need > w->limit && (w->len > 0 || w->strings_len > 0)) {
+        tw_flush(w); /* the new chunk starts with vCPU 0 implied */
+    }
+    if (w->chunk_vcpu != vcpu) {
+        struct tw_rec_vcpu *r = tw_append(w, TW_VCPU, sizeof(*r));
+        r->vcpu = vcpu;
+        r->pad = 0;
+        w->chunk_vcpu = vcpu;
+    }
 }
 
 uint32_t tw_string(struct tw_writer *w, const char *s)

@@ -1,9 +1,8 @@
 /*
  * Trace file writer, format version 1 (traces/FORMAT.md is the normative text).
  *
- * Threads: one producer thread appends records (in the plugin: the vCPU thread while the guest
- * runs, the main thread in qemu_plugin_install and in the atexit callback, never at the same
- * time). Full chunks are handed to one writer thread that compresses them (one zstd frame per
+ * Threads: one producer at a time appends records (the plugin serialises its threads: see the
+ * thread-ownership section of memtrace_plugin.c). Full chunks are handed to one writer thread that compresses them (one zstd frame per
  * chunk), computes the CRCs and appends them to the file with whole-chunk write() calls, so a
  * killed process leaves a file whose complete chunks are all readable. tw_close() writes the
  * index chunk and the trailer.
@@ -38,6 +37,7 @@ enum tw_kind {
     TW_LOST = 10,
     TW_COUNTER = 11,
     TW_UNSEEN = 12,
+    TW_VCPU = 13,
 };
 
 enum tw_chunk_type { TW_CHUNK_RECORDS = 1, TW_CHUNK_CONTENT = 2, TW_CHUNK_INDEX = 3 };
@@ -68,6 +68,7 @@ struct tw_rec_map { uint64_t mm, vpn, frame, flags; };
 struct tw_rec_mark { uint32_t op, name; uint64_t arg; };
 struct tw_rec_lost { uint32_t source, pad; uint64_t count; };
 struct tw_rec_counter { uint32_t name, pad; uint64_t value; };
+struct tw_rec_vcpu { uint32_t vcpu, pad; };
 
 /* the sizes FORMAT.md's record table gives (tests/unit/traces/test_format_doc.py checks that
  * this list and the table agree) */
@@ -81,6 +82,7 @@ _Static_assert(sizeof(struct tw_rec_map) == 32, "MAP is 32 bytes");
 _Static_assert(sizeof(struct tw_rec_mark) == 16, "MARK is 16 bytes");
 _Static_assert(sizeof(struct tw_rec_lost) == 16, "LOST is 16 bytes");
 _Static_assert(sizeof(struct tw_rec_counter) == 16, "COUNTER is 16 bytes");
+_Static_assert(sizeof(struct tw_rec_vcpu) == 8, "VCPU is 8 bytes");
 
 struct tw_stats {
     uint64_t chunks;          /* records chunks handed to the writer thread */
@@ -110,6 +112,7 @@ struct tw_writer {
     uint32_t nstrings;
     void *string_ids;         /* GHashTable: string -> id + 1 */
     uint64_t t_now, t_chunk_start, seq;
+    uint32_t chunk_vcpu;      /* whose WRITE records follow in this chunk (VCPU record; 0 at start) */
     uint64_t chunk_records;
     size_t chunk_bytes;
     struct tw_shared *shared; /* queue, writer thread, file */
@@ -151,10 +154,26 @@ static inline void tw_store(struct tw_writer *w, uint32_t kind, uint64_t paddr, 
     r->value = value;
 }
 
-/* One CPU store (a piece of at most 8 bytes of it). */
+/* Room for a WRITE record of `vcpu` in the current chunk, after a VCPU record if it needs one. */
+void tw_vcpu_slow(struct tw_writer *w, uint32_t vcpu);
+
+/* One store of `vcpu` (a piece of at most 8 bytes of it). With several vCPUs the chunk says whose
+ * stores follow (FORMAT.md, VCPU): a VCPU record is written when the vCPU changes, and again at the
+ * start of a chunk (where vCPU 0 is implied), so a one-vCPU trace has none. */
+static inline void tw_write_vcpu(struct tw_writer *w, uint32_t vcpu, uint64_t paddr, unsigned size,
+                                 uint64_t value)
+{
+    if (__builtin_expect(w->chunk_vcpu != vcpu || w->blk_kind != TW_WRITE ||
+                         w->len + sizeof(struct tw_rec_write) > w->limit, 0)) {
+        tw_vcpu_slow(w, vcpu);
+    }
+    tw_store(w, TW_WRITE, paddr, size, value);
+}
+
+/* One store of vCPU 0. */
 static inline void tw_write(struct tw_writer *w, uint64_t paddr, unsigned size, uint64_t value)
 {
-    tw_store(w, TW_WRITE, paddr, size, value);
+    tw_write_vcpu(w, 0, paddr, size, value);
 }
 
 /* Bytes that changed with no WRITE record, found at the epoch's end (FORMAT.md, UNSEEN). */

@@ -50,6 +50,7 @@ class Kind(IntEnum):
     LOST = 10
     COUNTER = 11
     UNSEEN = 12
+    VCPU = 13
 
 
 class TaskOp(IntEnum):
@@ -155,6 +156,7 @@ DTYPES: dict[Kind, np.dtype] = {
     Kind.LOST: _dt([("source", "<u4"), ("pad", "<u4"), ("count", "<u8")]),
     Kind.COUNTER: _dt([("name", "<u4"), ("pad", "<u4"), ("value", "<u8")]),
     Kind.UNSEEN: _dt([("addr", "<u8"), ("value", "<u8")]),
+    Kind.VCPU: _dt([("vcpu", "<u4"), ("pad", "<u4")]),
 }
 
 RECORD_SIZES: dict[Kind, int] = {k: d.itemsize for k, d in DTYPES.items()}

@@ -99,6 +99,17 @@ class Chunk:
             return np.zeros(0, dtype=DTYPES[kind])
         return arrs[0] if len(arrs) == 1 else np.concatenate(arrs)
 
+    def write_vcpus(self) -> np.ndarray:
+        """The vCPU of each WRITE record of this chunk, in the order of ``records(WRITE)``
+        (FORMAT.md, VCPU: records before the chunk's first VCPU record are vCPU 0's)."""
+        parts, vcpu = [], 0
+        for k, a in self.blocks:
+            if k == Kind.VCPU and len(a):
+                vcpu = int(a["vcpu"][-1])
+            elif k == Kind.WRITE:
+                parts.append(np.full(len(a), vcpu, dtype=np.uint32))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+
 
 class Trace:
     """An open trace file. Use ``open_trace``."""

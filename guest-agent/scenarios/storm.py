@@ -1,4 +1,6 @@
-"""Bounded fork/exec/exit and mmap storm for the agent tests. Prints what it did for the checker."""
+"""Bounded fork/exec/exit and mmap storm for the agent tests. Prints what it did for the checker.
+
+Usage: storm.py [forks] [mmaps] [cpu]: with a CPU, the process pins itself there first."""
 
 import ctypes
 import mmap
@@ -7,6 +9,8 @@ import sys
 
 nfork = int(sys.argv[1]) if len(sys.argv) > 1 else 40
 nmmap = int(sys.argv[2]) if len(sys.argv) > 2 else 300
+if len(sys.argv) > 3:
+    os.sched_setaffinity(0, {int(sys.argv[3])})
 libc = ctypes.CDLL("libc.so.6", use_errno=True)
 libc.sbrk.restype = ctypes.c_void_p
 libc.sbrk.argtypes = [ctypes.c_long]
@@ -55,9 +59,10 @@ libc.sbrk(-32 * 4096)
 print(f"STORM-BRK {old:x} {new:x} {libc.sbrk(0):x}", flush=True)
 
 # page cache: a 3-page tmpfs file, then removed
-with open("/tmp/pc_test", "wb") as f:
+pc_test = f"/tmp/pc_test.{os.getpid()}"  # one per storm process
+with open(pc_test, "wb") as f:
     f.write(b"x" * (3 * 4096))
-ino = os.stat("/tmp/pc_test").st_ino
-os.unlink("/tmp/pc_test")
+ino = os.stat(pc_test).st_ino
+os.unlink(pc_test)
 print(f"STORM-PAGECACHE ino={ino}", flush=True)
 del buf, r

@@ -174,6 +174,13 @@ static void write_trace(const char *path, int do_close)
     for (uint64_t i = 0; i < 20000; i++) {
         tw_write(w, i * 8, 8, i);
     }
+    /* runs of three vCPUs' stores across chunk boundaries: value = vcpu << 32 | index */
+    for (uint64_t r = 0; r < 30; r++) {
+        uint32_t vcpu = (uint32_t)(r % 3);
+        for (uint64_t i = 0; i < 1000; i++) {
+            tw_write_vcpu(w, vcpu, 0x100000 + i * 8, 8, ((uint64_t)vcpu << 32) | (r * 1000 + i));
+        }
+    }
     tw_mark(w, TW_MARK_PHASE, "phase-x", 10); /* same string, a later chunk */
     tw_write(w, 0x1000, 3, 0xabcdef);
     tw_unseen(w, 0x2008, 8, 0x1122334455667788ull);
