@@ -3,6 +3,8 @@
 #   memtrace.scenario=NAME memtrace.n=N memtrace.mailbox_phys=ADDR memtrace.mailbox_size=SIZE
 #   memtrace.agent=0 (do not load the agent)  memtrace.dump_wait_ms=MS
 #   memtrace.clock_ms=MS (the guest's clock into the trace every MS ms; default 100, 0: off)
+#   memtrace.mark_gid=GID (members of group GID may mark phases and counters through
+#     /proc/memtrace-mark; /proc/memtrace itself is written by root only)
 #   memtrace.shell=1
 # When mailbox_phys/size are absent they are taken from memmap=SIZE$PHYS.
 export PATH=/bin:/usr/bin
@@ -45,11 +47,12 @@ SIZE=$(tobytes "$SIZE")
 WAIT=$(param memtrace.dump_wait_ms "")
 # the guest's own clock in every trace: analyses weigh time by guest seconds, not instructions
 CLOCK=$(param memtrace.clock_ms 100)
+MARKGID=$(param memtrace.mark_gid "")
 
 echo "MEMTRACE-INIT kernel=$(uname -r) scenario=$SCEN n=$N mailbox_phys=$PHYS mailbox_size=$SIZE"
 if [ "$(param memtrace.agent 1)" = 1 ]; then
 	insmod /lib/modules/memtrace_agent.ko mailbox_phys=$PHYS mailbox_size=$SIZE \
-		${WAIT:+dump_wait_ms=$WAIT} ${CLOCK:+clock_ms=$CLOCK}
+		${WAIT:+dump_wait_ms=$WAIT} ${CLOCK:+clock_ms=$CLOCK} ${MARKGID:+mark_gid=$MARKGID}
 	echo "MEMTRACE-AGENT-LOADED rc=$?"
 fi
 export PYTHONHASHSEED=0 HOME=/root

@@ -38,6 +38,8 @@
 #include <linux/string.h>
 #include <linux/ptrace.h>
 #include <linux/fs_struct.h>
+#include <linux/uidgid.h>
+#include <linux/user_namespace.h>
 #include <linux/path.h>
 #include <linux/timer.h>
 #include <linux/timekeeping.h>
@@ -154,6 +156,16 @@ static unsigned int clock_ms;
 module_param(clock_ms, uint, 0444);
 MODULE_PARM_DESC(clock_ms, "emit COUNTER guest.clock_ns every this many ms from load (0: off; "
 		 "'clock MS' in /proc/memtrace changes it)");
+/*
+ * /proc/memtrace is written by root only: an unprivileged process must not put markers, counters
+ * or a stop into a trace. A workload running as another user may mark its phases through
+ * /proc/memtrace-mark, which exists only when the scenario names a group (mark_gid) and takes
+ * `phase NAME` and `counter NAME VALUE` from that group's members, nothing else.
+ */
+static int mark_gid = -1;
+module_param(mark_gid, int, 0444);
+MODULE_PARM_DESC(mark_gid, "group whose members may write phase and counter marks to "
+		 "/proc/memtrace-mark (-1: no such file)");
 
 /* ------------------------------------------------------------------ ring */
 
@@ -985,8 +997,8 @@ static void mta_clock_set(unsigned int ms)
 
 /* ------------------------------------------------------------------ /proc/memtrace */
 
-static ssize_t mta_proc_write(struct file *file, const char __user *ubuf, size_t count,
-			     loff_t *ppos)
+/* One command written to /proc/memtrace (all) or /proc/memtrace-mark (marks only). */
+static ssize_t mta_command(const char __user *ubuf, size_t count, bool marks_only)
 {
 	char buf[320], *cmd, *arg, *val;
 	size_t n = min(count, sizeof(buf) - 1);
@@ -1000,6 +1012,8 @@ static ssize_t mta_proc_write(struct file *file, const char __user *ubuf, size_t
 		*arg++ = 0;
 		arg = skip_spaces(arg);
 	}
+	if (marks_only && strcmp(cmd, "phase") && strcmp(cmd, "counter"))
+		return -EPERM;
 	if (!strcmp(cmd, "start")) {
 		mta_state_dump();
 		if (READ_ONCE(mta_clock_ms))
@@ -1035,6 +1049,18 @@ static ssize_t mta_proc_write(struct file *file, const char __user *ubuf, size_t
 	return count;
 }
 
+static ssize_t mta_proc_write(struct file *file, const char __user *ubuf, size_t count,
+			     loff_t *ppos)
+{
+	return mta_command(ubuf, count, false);
+}
+
+static ssize_t mta_mark_write(struct file *file, const char __user *ubuf, size_t count,
+			     loff_t *ppos)
+{
+	return mta_command(ubuf, count, true);
+}
+
 static int mta_proc_show(struct seq_file *m, void *v)
 {
 	int i;
@@ -1068,7 +1094,11 @@ static const struct proc_ops mta_proc_ops = {
 	.proc_write = mta_proc_write,
 };
 
-static struct proc_dir_entry *mta_proc;
+static const struct proc_ops mta_mark_ops = {
+	.proc_write = mta_mark_write,
+};
+
+static struct proc_dir_entry *mta_proc, *mta_mark_proc;
 
 /* ------------------------------------------------------------------ init / exit */
 
@@ -1167,10 +1197,22 @@ static int __init mta_init(void)
 		}
 		mta_krps[i].registered = true;
 	}
-	mta_proc = proc_create("memtrace", 0666, NULL, &mta_proc_ops);
+	mta_proc = proc_create("memtrace", 0644, NULL, &mta_proc_ops);
 	if (!mta_proc) {
 		ret = -ENOMEM;
 		goto fail;
+	}
+	if (mark_gid >= 0) {
+		kgid_t gid = make_kgid(&init_user_ns, mark_gid);
+
+		mta_mark_proc = gid_valid(gid) ?
+			proc_create("memtrace-mark", 0220, NULL, &mta_mark_ops) : NULL;
+		if (!mta_mark_proc) {
+			proc_remove(mta_proc);
+			ret = gid_valid(gid) ? -ENOMEM : -EINVAL;
+			goto fail;
+		}
+		proc_set_user(mta_mark_proc, GLOBAL_ROOT_UID, gid);
 	}
 	pr_info("loaded: kernel %s, mailbox 0x%lx size %lu, %u slots, %zu tracepoints, %zu kretprobes\n",
 		UTS_RELEASE, mailbox_phys, mailbox_size, mta_nslots, ARRAY_SIZE(mta_tps),
@@ -1190,6 +1232,7 @@ static void __exit mta_exit(void)
 {
 	int i;
 
+	proc_remove(mta_mark_proc);
 	proc_remove(mta_proc);
 	WRITE_ONCE(mta_clock_ms, 0);
 	del_timer_sync(&mta_clock_timer);

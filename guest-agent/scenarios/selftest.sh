@@ -26,6 +26,7 @@ mt start
 mt "phase storm"
 python3 /scenarios/storm.py $((N * 20)) $((N * 150))
 rc=$?
+python3 /scenarios/perm.py "$(sed -n 's/.*memtrace.mark_gid=\([0-9]*\).*/\1/p' /proc/cmdline)"
 mt "counter selftest.value 12345"
 mt stop
 touch /tmp/st/quit

@@ -85,7 +85,7 @@ def selftest(guest_image: Path) -> GuestRun:
     # 11,880-event dump dropped while this Python consumer was starved), never the bound widened.
     for _attempt in range(3):
         run = boot(guest_image, "selftest", n=2, mailbox_size="2M", phys=0x1F000000,
-                   consume=True)
+                   consume=True, extra="memtrace.mark_gid=1000")
         _save_log("selftest", run)
         _record_time("selftest", run)
         try:
@@ -106,6 +106,28 @@ def test_selftest_boots_and_unloads_cleanly(selftest: GuestRun) -> None:
     assert "MEMTRACE-PROC-STILL-THERE" not in selftest.log
     assert re.search(r"memtrace: unloaded: head \d+ seq \d+ dropped \d+", selftest.log)
     assert selftest.consumed_live > 0, "the live consumer never saw events"
+
+
+def test_proc_memtrace_refuses_other_users(selftest: GuestRun) -> None:
+    """/proc/memtrace takes commands from root only; /proc/memtrace-mark (mark_gid=1000) takes
+    phase and counter marks from members of group 1000 and nothing else (scenarios/perm.py runs
+    each attempt as another user). Only the member's two marks reach the ring."""
+    got = dict(re.findall(r"MT-PERM (\S+ \S+ \S+ \S+) -> (\S+)", selftest.log))
+    assert got == {
+        "user /proc/memtrace phase user-phase-main": "EACCES",
+        "user /proc/memtrace stop stop": "EACCES",
+        "user /proc/memtrace-mark phase user-phase-outsider": "EACCES",
+        "member /proc/memtrace phase member-phase-main": "EACCES",
+        "member /proc/memtrace-mark phase member-phase": "ok",
+        "member /proc/memtrace-mark counter 7": "ok",
+        "member /proc/memtrace-mark stop stop": "EPERM",
+    }, got
+    phases = [e["name"] for e in selftest.events if e.type == mb.MARK and e["op"] == 3]
+    assert "member-phase" in phases
+    assert not [p for p in phases if p.startswith("user-") or p.endswith("-main")], phases
+    counters = [(e["name"], e["value"]) for e in selftest.events if e.type == mb.COUNTER]
+    assert ("member.value", 7) in counters
+    assert len([e for e in selftest.events if e.type == mb.MARK and e["op"] == 2]) == 1
 
 
 def test_selftest_sequence_and_drops(selftest: GuestRun) -> None:
