@@ -828,7 +828,9 @@ static void save_stop_image(void)
         return;
     }
     S.stop_image_saved = true;
-    int fd = open(S.cfg.stop_image, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    /* guest RAM is private: owner-only whatever the umask, never through a planted symlink, and
+     * a name that exists already is someone else's (trace-record picks a fresh one) */
+    int fd = open(S.cfg.stop_image, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0) {
         warn("stop_image=%s: %s", S.cfg.stop_image, strerror(errno));
         return;
@@ -1359,7 +1361,7 @@ static void setup_ram(void)
 {
     char err[512];
     struct config *c = &S.cfg;
-    S.ram_fd = open(c->ram, O_RDWR | O_CLOEXEC);
+    S.ram_fd = open(c->ram, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
     if (S.ram_fd < 0) {
         fatal("cannot open RAM file %s: %s (is ram= the mem-path of the memory backend?)",
               c->ram, strerror(errno));

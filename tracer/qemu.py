@@ -20,6 +20,8 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
+from memtrace.traces import private
+
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build"
 PLUGIN = BUILD / "tracer" / "libmemtrace.so"
@@ -68,6 +70,7 @@ class GuestRun:
     qemu: list[str] | None = None  # the binary and its leading arguments (-L); None: the system's
     plugin: Path = PLUGIN
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    ram_created: bool = field(default=False, init=False)  # the RAM file is ours to remove
 
     @property
     def ram_path(self) -> Path:
@@ -108,8 +111,26 @@ class GuestRun:
             cmd += ["-plugin", f"{self.plugin},{args}"]
         return cmd
 
+    def create_ram_file(self) -> None:
+        """Create the guest RAM file before QEMU opens it: owner-only (0600 whatever the umask),
+        O_EXCL and never through a symlink planted at its name in /dev/shm, sized so QEMU only
+        maps it. (QEMU would create it with 0644 under the usual umask: all of guest RAM
+        readable by every account on the machine.) SetupError in one line if the name is
+        taken."""
+        try:
+            fd = private.create_private(self.ram_path, exclusive=True)
+        except OSError as e:
+            raise SetupError(f"cannot create the guest RAM file {self.ram_path}: "
+                             f"{e.strerror or e}; is another process using this name?") from None
+        self.ram_created = True
+        try:
+            os.ftruncate(fd, self.ram_size)
+        finally:
+            os.close(fd)
+
     def cleanup(self) -> None:
-        for p in (self.ram_path, self.stop_image_path, self.qmp_path):
+        ours = (self.ram_path,) if self.ram_created else ()
+        for p in (*ours, self.stop_image_path, self.qmp_path):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
@@ -124,6 +145,7 @@ class QemuProcess:
         self.qmp = QMPClient("trace-record")
 
     async def start(self, connect_timeout: float = 120.0) -> None:
+        self.run.create_ram_file()
         with open(self.stderr_path, "wb") as err:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.run.command(), stdin=asyncio.subprocess.DEVNULL,

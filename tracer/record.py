@@ -242,7 +242,7 @@ class Recorder:
                 return await self._boot(run, out, work)
             finally:
                 run.cleanup()
-                if run.ram_path.exists():  # pragma: no cover - cleanup() removes it
+                if run.ram_created and run.ram_path.exists():  # pragma: no cover
                     print(f"trace-record: warning: could not remove {run.ram_path}",
                           file=sys.stderr)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -27,8 +28,10 @@ pytestmark = pytest.mark.e2e
 
 def default_signals() -> None:
     """In the child: SIGINT at its default action (a shell starts background jobs with it
-    ignored, which a Ctrl-C test must not inherit)."""
+    ignored, which a Ctrl-C test must not inherit), and the most permissive umask, under which
+    guest RAM must still be the owner's alone."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.umask(0)
 
 
 def children(pid: int) -> set[int]:
@@ -62,7 +65,7 @@ def test_signal_mid_recording(tmp_path: Path, sig: signal.Signals) -> None:
     """A guest that never powers off (the idle scenario leaves a shell on the console), traced
     from boot; the signal comes once the trace holds a complete chunk and QEMU runs: status 4,
     the trace marked INCOMPLETE with the reason and readable to its end, /dev/shm clean, QEMU
-    gone."""
+    gone. Under umask 000 guest RAM in /dev/shm is 0600 while QEMU runs."""
     out = tmp_path / "sig.mtr"
     proc = subprocess.Popen(
         [sys.executable, "-m", "memtrace.tracer.record", "-q", "--scenario", "idle",
@@ -81,6 +84,9 @@ def test_signal_mid_recording(tmp_path: Path, sig: signal.Signals) -> None:
             qemu |= {p for p in children(proc.pid) if is_qemu(p)}
             time.sleep(0.2)
         assert qemu, "no QEMU among trace-record's children"
+        ram = shm_files(proc.pid)
+        assert ram and {oct(stat.S_IMODE(os.stat(f).st_mode)) for f in ram} == {"0o600"}, \
+            "guest RAM in /dev/shm readable by others"
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=600)
     finally:
