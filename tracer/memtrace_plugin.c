@@ -195,6 +195,28 @@ struct vcpu {
     uint64_t n_write_records;
 } __attribute__((aligned(64)));
 
+
+/*
+ * The agent's events drive two small state machines (on_agent_event).
+ *
+ * The traced region, opened by the agent's MARK START (or start=now) and closed by its MARK STOP:
+ *
+ *   REGION_BEFORE --START--> REGION_ACTIVE --STOP--> REGION_STOPPING --drain ends--> REGION_AFTER
+ *                                  ^                                                     |
+ *                                  +-----------------------START-------------------------+
+ *
+ * REGION_STOPPING: STOP was seen in the current drain; the region ends when the drain does,
+ * after the events that follow STOP in the ring (finish_stop). Outside the region (BEFORE,
+ * AFTER) events wait in `pending` until a START applies them.
+ *
+ * The agent's state dump, bracketed by MARK STATE_BEGIN and STATE_END:
+ *
+ *   DUMP_NONE --STATE_BEGIN--> DUMP_OPEN --STATE_END--> DUMP_NONE (in the region: written at once)
+ *                                                  \--> DUMP_HELD (outside: kept for the next START)
+ */
+enum region { REGION_BEFORE, REGION_ACTIVE, REGION_STOPPING, REGION_AFTER };
+enum dump { DUMP_NONE, DUMP_OPEN, DUMP_HELD };
+
 /*
  * All plugin state. Owned by whichever single thread runs plugin code (see the file comment).
  */
@@ -234,8 +256,10 @@ static struct {
     qemu_plugin_u64 sb_since;  /* per vCPU: instructions since its last check (+ NUDGE) */
 #endif
 
-    /* traced region */
-    bool active, started_once; /* active: read by store callbacks (relaxed) */
+    /* traced region: see enum region; `active` mirrors it for the store callbacks, which
+     * read it relaxed (set_region; changed only under trace_lock) */
+    enum region region;
+    bool active;
     bool dead;            /* fatal() closed the trace: callbacks do nothing */
     bool stop_image_saved;
     uint64_t start_icount;  /* guest instructions and host time at START, for clock_hz */
@@ -243,12 +267,9 @@ static struct {
 
     /* agent */
     struct mb_reader mb;
-    bool in_dump, have_dump;
+    enum dump dump_state;
     struct mb_event dump_begin, dump_end;
-    /* the agent's MARK STOP, seen in the current drain: the traced region ends when the drain
-     * does, after the events that follow it in the ring (see finish_stop) */
-    bool stop_pending;
-    struct mb_event stop_ev;
+    struct mb_event stop_ev; /* the MARK STOP of REGION_STOPPING */
     struct evbuf dump, pending;
     uint64_t pending_overflow; /* events discarded from `pending` (PENDING_CAP) */
     GHashTable *tasks;    /* pid -> struct task_info */
@@ -856,21 +877,31 @@ static void emit_clock_rate(void)
     }
 }
 
+/* Moves the traced region on; `active` follows for the store callbacks (true in ACTIVE and
+ * STOPPING: the region's stores count until it ends). */
+static void set_region(enum region r)
+{
+    __atomic_store_n(&S.region, r, __ATOMIC_RELAXED);
+    __atomic_store_n(&S.active, r == REGION_ACTIVE || r == REGION_STOPPING, __ATOMIC_RELAXED);
+}
+
 static void activate(const char *name, uint64_t arg)
 {
     rearm_tracking();
-    S.active = true;
-    S.started_once = true;
+    set_region(REGION_ACTIVE);
     S.start_icount = S.now;
     S.start_host_us = g_get_monotonic_time();
     ensure_time();
-    if (S.have_dump) {
+    if (S.dump_state == DUMP_HELD) {
         emit_state(&S.dump, &S.dump_begin, &S.dump_end);
+        S.dump_state = DUMP_NONE;
+        evbuf_clear(&S.dump);
     } else {
         emit_state(NULL, NULL, NULL);
+        if (S.dump_state == DUMP_NONE) {
+            evbuf_clear(&S.dump);
+        }
     }
-    evbuf_clear(&S.dump);
-    S.have_dump = false;
     if (S.pending_overflow) {
         tw_lost(S.tw, TW_LOST_TRACER_BUFFER, S.pending_overflow);
         S.pending_overflow = 0;
@@ -890,9 +921,11 @@ static void deactivate(const char *name, uint64_t arg)
     emit_clock_rate();
     tw_mark(S.tw, TW_MARK_STOP, name, arg);
     save_stop_image();
-    S.active = false;
+    set_region(REGION_AFTER);
     evbuf_clear(&S.pending);
-    S.have_dump = false;
+    if (S.dump_state == DUMP_HELD) {
+        S.dump_state = DUMP_NONE;
+    }
 }
 
 static void keep_pending(const struct mb_event *ev)
@@ -918,8 +951,7 @@ static void keep_pending(const struct mb_event *ev)
  */
 static void finish_stop(void)
 {
-    if (S.stop_pending) {
-        S.stop_pending = false;
+    if (S.region == REGION_STOPPING) {
         deactivate(S.stop_ev.name, S.stop_ev.arg);
     }
 }
@@ -928,16 +960,16 @@ static void on_agent_event(void *ctx, const struct mb_event *ev)
 {
     (void)ctx;
     bool mark = ev->type == MB_MARK;
-    if (S.stop_pending && mark && (ev->op == TW_MARK_START || ev->op == TW_MARK_STATE_BEGIN)) {
+    if (S.region == REGION_STOPPING && mark &&
+        (ev->op == TW_MARK_START || ev->op == TW_MARK_STATE_BEGIN)) {
         finish_stop(); /* a new region or dump begins after the old region's end */
     }
     if (mark && ev->op == TW_MARK_STATE_BEGIN) {
-        if (S.in_dump) {
+        if (S.dump_state == DUMP_OPEN) {
             warn("agent state dump restarted before it ended");
         }
         evbuf_clear(&S.dump);
-        S.in_dump = true;
-        S.have_dump = false;
+        S.dump_state = DUMP_OPEN;
         S.dump_begin = *ev;
         if (!S.active) {
             evbuf_clear(&S.pending); /* the dump supersedes everything before it */
@@ -945,15 +977,16 @@ static void on_agent_event(void *ctx, const struct mb_event *ev)
         }
         return;
     }
-    if (S.in_dump && !(mark && (ev->op == TW_MARK_STATE_END || ev->op == TW_MARK_START))) {
+    if (S.dump_state == DUMP_OPEN &&
+        !(mark && (ev->op == TW_MARK_STATE_END || ev->op == TW_MARK_START))) {
         evbuf_push(&S.dump, ev);
         return;
     }
-    if (S.in_dump) {
+    if (S.dump_state == DUMP_OPEN) {
         if (ev->op == TW_MARK_START) {
             warn("agent MARK START inside a state dump; using the dump as it is");
         }
-        S.in_dump = false;
+        S.dump_state = DUMP_NONE;
         S.dump_end = *ev;
         if (ev->op == TW_MARK_START) {
             S.dump_end.op = TW_MARK_STATE_END;
@@ -969,7 +1002,7 @@ static void on_agent_event(void *ctx, const struct mb_event *ev)
             emit_state(&S.dump, &S.dump_begin, &S.dump_end);
             evbuf_clear(&S.dump);
         } else {
-            S.have_dump = true;
+            S.dump_state = DUMP_HELD;
         }
         if (ev->op != TW_MARK_START) {
             return;
@@ -985,8 +1018,8 @@ static void on_agent_event(void *ctx, const struct mb_event *ev)
     }
     ensure_time();
     if (mark && ev->op == TW_MARK_STOP) {
-        if (!S.stop_pending) {
-            S.stop_pending = true;
+        if (S.region == REGION_ACTIVE) {
+            S.region = REGION_STOPPING;
             S.stop_ev = *ev;
         }
         return;
@@ -1131,7 +1164,7 @@ static bool mailbox_half_full(void)
  * the world is held). */
 static bool stop_due(void)
 {
-    if (S.cfg.start_now && !__atomic_load_n(&S.started_once, __ATOMIC_RELAXED)) {
+    if (S.cfg.start_now && __atomic_load_n(&S.region, __ATOMIC_RELAXED) == REGION_BEFORE) {
         return true;
     }
     if (clock_now() >= __atomic_load_n(&S.next_epoch, __ATOMIC_RELAXED)) {
@@ -1150,7 +1183,7 @@ static void held_work(void)
     }
     write_all_stores(); /* stores made before this instant, before its TIME record */
     uint64_t icount = clock_now();
-    if (!S.started_once && S.cfg.start_now) {
+    if (S.region == REGION_BEFORE && S.cfg.start_now) {
         S.now = MAX(S.now, icount);
         S.time_written = false;
         activate("start=now", 0);
@@ -1473,7 +1506,7 @@ static void write_stats(const char *path, const struct tw_stats *ts, uint64_t ic
         ", \"stop_gather_seconds\": %.6f, \"stop_gather_max_seconds\": %.6f"
         ", \"resume_waits\": %" PRIu64 "}\n",
         icount, S.n_epochs, S.cfg.epoch, S.use_pagemap ? "pagemap-scan" : "store-callbacks",
-        S.cfg.writes_mode ? "writes" : "pages", S.started_once ? "true" : "false",
+        S.cfg.writes_mode ? "writes" : "pages", S.region != REGION_BEFORE ? "true" : "false",
         S.n_page_records, S.n_pages_hashed, S.n_write_records, S.n_unseen_records,
         S.n_map_records, S.n_walks, S.n_events, S.n_states, S.n_drains, S.n_early_drains, S.n_idle_drains, S.lost_ring_full,
         S.lost_seq_gap,
@@ -1509,10 +1542,10 @@ static void plugin_exit(qemu_plugin_id_t id, void *udata)
             save_stop_image();
         }
     }
-    if (S.in_dump) {
+    if (S.dump_state == DUMP_OPEN) {
         warn("the agent's last state dump never ended; it was not written");
     }
-    if (!S.started_once && !quiet) {
+    if (S.region == REGION_BEFORE && !quiet) {
         warn("no MARK START from the guest agent: the trace holds no records "
              "(use start=now to trace from the first instruction)");
     }
