@@ -128,6 +128,21 @@ class SnapshotVsContinuous(Analysis):
                                      np.full(len(c), float(right))], axis=1))
         self.start[c] = -1
 
+    def on_content_forgotten(self, cids: np.ndarray) -> None:
+        # Ids are forgotten only once no frame holds their content and the instant that
+        # emptied it was reported: no opportunity is open under them (start is -1), and no
+        # frame's f_cid names them (a frame loses its content, or stops being mapped, only
+        # in an instant that reports it, and _frames has seen that instant since). The last
+        # snapshot's duplicated contents may be among them: they become ids no content has
+        # (negative), so that a new content given one of the ids does not count as surviving.
+        if self.prev is not None:
+            pdup = self.prev[0]
+            gone = np.isin(pdup, cids)
+            if gone.any():
+                pdup = pdup.copy()
+                pdup[gone] = -1 - pdup[gone]
+                self.prev = (pdup, self.prev[1])
+
     # -- opportunities, per frame -----------------------------------------------------------------
     def _frames(self, st: ReplayState, t0: int, t1: int) -> None:
         n = st.nframes

@@ -218,7 +218,18 @@ class ReplayState:
 
     The per-record work is done by the compiled loops of ``analyses.kernels``; this class owns the
     arrays they work on, grows them, and keeps the Python-side objects (tasks, VMAs, marks).
+
+    Memory is bounded by what is live: when the content table runs out of ids, the contents that
+    no frame holds any more (all three reference counts zero, and the listeners told; the zero
+    page's content stays) are forgotten and their ids given to new contents (``recycle``); the
+    table grows when more than a third of it is still live after that. A content that comes back
+    later gets an id again, maybe another one. Analyses hear of forgotten ids before they are
+    given again (``forget_listeners``, ``Analysis.on_content_forgotten``).
     """
+
+    #: initial size of the content table, in bits of its slots (half as many ids); None: room
+    #: for about one content per frame. Tests make it small so that ids are recycled often.
+    content_bits: int | None = None
 
     def __init__(self, nframes: int = 0, page_size: int = 4096,
                  max_frames: int | None = None) -> None:
@@ -228,12 +239,18 @@ class ReplayState:
         #: frames beyond this are an error (FrameBeyondRam), not a reason to grow
         self.max_frames = max_frames if max_frames is not None else max(4 * nframes, 1 << 24)
         # room for about one content per frame before the table has to grow
-        self.contents = ContentTable(max(12, (2 * max(nframes, 1)).bit_length()))
+        self.contents = ContentTable(self.content_bits or
+                                     max(12, (2 * max(nframes, 1)).bit_length()))
         self.zero_cid = self.contents.id_of(*ZERO_HASH)
         self.listeners: list[ContentListener] = []
         # the current instant's content change log (see end_instant), kept across reset
         self._ilog = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64),
                       np.zeros(1, dtype=np.int64))
+        #: False: never forget a content (an analysis keeps ids of its own, ``holds_content_ids``)
+        self.recycle = True
+        #: called with the ids of forgotten contents, before the ids are given again
+        self.forget_listeners: list[Callable[[np.ndarray], None]] = []
+        self.forgotten = 0  # contents forgotten so far
         self._alloc(max(nframes, 1))
         self._init_state()
 
@@ -457,10 +474,26 @@ class ReplayState:
         """PAGE records, in order."""
         if not len(frame):
             return
+        if self.recycle and self.contents.room() < len(frame):
+            self._content_room(len(frame))
         ids = self.contents.ids(hash_lo, hash_hi)
         self._ensure_ids(len(self.contents))
         self._run(kernels.apply_pages, frame, ids, changes=2 * len(frame), records=len(frame),
                   make_room=lambda i: self.ensure_frames(int(frame[i])))
+
+    def _content_room(self, k: int) -> None:
+        """Room for ``k`` new contents: forget the contents no frame holds, then grow the table
+        while more than a third of it is live (or ``k`` do not fit), so that a collection
+        forgets at least twice as many contents as it keeps (what it costs is per kept one)."""
+        ct = self.contents
+        self.forgotten += ct.collect(self.ref_all, self._mark, self.zero_cid,
+                                     self.forget_listeners)
+        cap = ct.capacity
+        while cap - ct.live < max(k, 2 * cap // 3):
+            cap *= 2
+        if cap > ct.capacity:
+            ct.grow(cap)
+            self._ensure_ids(cap)
 
     def _space(self, mm: int) -> AddressSpace:
         sp = self.spaces.get(mm)
