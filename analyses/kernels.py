@@ -279,8 +279,8 @@ def collect_contents(ct: ContentArrays, ref_all: np.ndarray, mark: np.ndarray, k
 
     Rebuilding costs a pass over the ids and one insertion per live content; deleting the
     forgotten entries one by one cost about 50 ns each (a random probe and a backward shift),
-    and a collection forgets more contents than it keeps (the state grows the table so that
-    at most a third of it is live after one)."""
+    and a collection forgets at least as many contents as it keeps (the state grows the table
+    so that at most half of it is live after one)."""
     keys, vals, shift, lo, counts, free = ct[0], ct[1], ct[2][0], ct[3], ct[5], ct[6]
     n, nfree = counts[0], counts[3]
     for i in range(nfree):
