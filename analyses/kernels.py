@@ -232,9 +232,19 @@ def table_select(keys: np.ndarray, vals: np.ndarray, mmid: int
 ContentArrays = tuple
 
 
+_KEY_OF_ZERO = np.uint64(0x8000000000000001)
+
+
 @hot
 def _content_key(lo: np.uint64) -> np.uint64:
-    return lo if lo != 0 else np.uint64(0x8000000000000001)
+    return lo if lo != 0 else _KEY_OF_ZERO
+
+
+def content_keys(lo: np.ndarray) -> np.ndarray:
+    """The table keys of hashes whose low halves are ``lo``: what makes two contents one for
+    the replay (the same key, the same id while the content is held)."""
+    lo = np.asarray(lo, dtype=np.uint64)
+    return np.where(lo == 0, _KEY_OF_ZERO, lo)
 
 
 @hot

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from memtrace.analyses.base import Analysis, Context, Interval, Plot, Result, Table, UsageError
+from memtrace.analyses.kernels import content_keys
 from memtrace.analyses.state import ReplayState
 
 VIEWS = ("content", "frame")
@@ -128,20 +129,11 @@ class SnapshotVsContinuous(Analysis):
                                      np.full(len(c), float(right))], axis=1))
         self.start[c] = -1
 
-    def on_content_forgotten(self, cids: np.ndarray) -> None:
-        # Ids are forgotten only once no frame holds their content and the instant that
-        # emptied it was reported: no opportunity is open under them (start is -1), and no
-        # frame's f_cid names them (a frame loses its content, or stops being mapped, only
-        # in an instant that reports it, and _frames has seen that instant since). The last
-        # snapshot's duplicated contents may be among them: they become ids no content has
-        # (negative), so that a new content given one of the ids does not count as surviving.
-        if self.prev is not None:
-            pdup = self.prev[0]
-            gone = np.isin(pdup, cids)
-            if gone.any():
-                pdup = pdup.copy()
-                pdup[gone] = -1 - pdup[gone]
-                self.prev = (pdup, self.prev[1])
+    # Content ids are recycled (see analyses/base.py): an id is forgotten only once no frame
+    # holds its content and the instant that emptied it was reported, so no opportunity is open
+    # under it (start is -1) and no frame's f_cid names it (a frame loses its content, or stops
+    # being mapped, only in an instant that reports it, and _frames has seen that instant
+    # since). Snapshots compare contents by key, not by id (_snapshot).
 
     # -- opportunities, per frame -----------------------------------------------------------------
     def _frames(self, st: ReplayState, t0: int, t1: int) -> None:
@@ -187,14 +179,18 @@ class SnapshotVsContinuous(Analysis):
         dup = np.flatnonzero(ref >= 2)
         sav = ref[dup] - 1
         total = int(sav.sum())
+        # a content survives if it is duplicated at both snapshots, also if it went away and
+        # came back in between: matched by key, since it may then have another id, and its
+        # old id another content
+        keys = content_keys(st.contents.lo[dup])
         surv_c = surv_p = None
         if self.prev is not None:
-            pdup, psav = self.prev
-            common, pi, ci = np.intersect1d(pdup, dup, return_indices=True)
-            surv_c = round(len(common) / len(pdup), 4) if len(pdup) else None
+            pkeys, psav = self.prev
+            common, pi, ci = np.intersect1d(pkeys, keys, return_indices=True)
+            surv_c = round(len(common) / len(pkeys), 4) if len(pkeys) else None
             surv_p = (round(float(np.minimum(psav[pi], sav[ci]).sum()) / float(psav.sum()), 4)
                       if psav.sum() else None)
-        self.prev = (dup, sav)
+        self.prev = (keys, sav)
         x = float(self.tb.x(s))
         self.snap_rows.append([s, round(x, 6), total, len(dup), surv_c, surv_p])
 

@@ -155,25 +155,31 @@ def test_ksm_turns_recycling_off(tmp_path, monkeypatch):
     assert distinct == st_.contents.n > 20_000 // 4  # one id per content ever seen
 
 
-def _forget_and_reuse(b, t: int) -> None:
-    """At ``t``: content 50 into frames 3 and 4, mapped at virtual pages 2 and 3 of mm 1,
-    then 150 new contents into unmapped frames: the content table (8 ids to start with, a few
-    dozen by then) must forget what no frame holds, and content 50 gets the lowest id it
-    frees."""
+def _forget_and_reuse(b, t: int, token: int = 50, first: int | None = None) -> None:
+    """At ``t``: content ``token`` into frames 3 and 4, mapped at virtual pages 2 and 3 of mm
+    1, then 150 new contents into unmapped frames: the content table (8 ids to start with, a
+    few dozen by then) must forget what no frame holds, and content ``token`` gets the lowest
+    id it frees (unless content ``first``, written into frame 5 before, takes it)."""
     b.at(t)
-    b.page(3, 50).page(4, 50)
+    if first is not None:
+        b.page(5, first)
+    b.page(3, token).page(4, token)
     for f in range(100, 250):
         b.page(f, 100 + f)
     b.map(1, 2, 3).map(1, 3, 4)
 
 
-def test_a_recycled_id_does_not_survive_a_snapshot(tmp_path, monkeypatch):
-    """Content 1 is duplicated at the snapshot of t=0 and gone at t=5; at t=6 content 50 is
-    duplicated under the id content 1 had. The snapshot of t=10 sees nothing that survived."""
+@pytest.mark.parametrize("token,first,survived", [(50, None, 0.0), (1, None, 1.0), (1, 60, 1.0)])
+def test_snapshot_survival_follows_contents_not_ids(tmp_path, monkeypatch, token, first,
+                                                    survived):
+    """Content 1 is duplicated at the snapshot of t=0 and gone at t=5; at t=6 content
+    ``token`` is duplicated, under the id content 1 had unless content ``first`` took it.
+    Content 50 is not content 1 (nothing survived to the snapshot of t=10); content 1 itself,
+    back under its old id or another one, did survive."""
     b = Builder(tmp_path / "s.mtr").at(0)
     b.page(1, 1).page(2, 1).map(1, 0, 1).map(1, 1, 2)
     b.at(5).page(1, 2).page(2, 3)
-    _forget_and_reuse(b, 6)
+    _forget_and_reuse(b, 6, token, first)
     b.at(20).close()
     monkeypatch.setattr(ReplayState, "content_bits", 4)
     for recycle in (True, False):
@@ -183,9 +189,11 @@ def test_a_recycled_id_does_not_survive_a_snapshot(tmp_path, monkeypatch):
         st_ = rp.run()
         rows = {row[0]: row for row in snap.result().tables["snapshots"].rows}
         assert rows[0][3] == 1 and rows[10][3] == 1  # one duplicated content each
-        assert rows[10][4] == 0.0, "content 50 is not content 1"
-        if recycle:  # the case this test is about did happen
-            assert st_.forgotten and st_.contents.id_of(*content(50)) == 1
+        assert rows[10][4] == survived
+        if recycle:  # the case this test is about did happen: content 1's id was given again
+            assert st_.forgotten
+            assert st_.contents.id_of(*content(first if first else token)) == 1
+            assert first is None or st_.contents.id_of(*content(token)) != 1
 
 
 def test_the_peak_keeps_the_hashes_of_its_ids(tmp_path, monkeypatch):
