@@ -1,5 +1,6 @@
 """Recycled content ids (issue 18): the content table against a plain model, and every analysis
-with ids recycled through tiny tables against the same replay that never forgets a content."""
+(every one in the registry: a new one is tested here too) with ids recycled through tiny tables
+against the same replay that never forgets a content."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memtrace.analyses.attribution import AttributionAnalysis, hash_hex
+from memtrace.analyses.base import Analysis, Interval
+from memtrace.analyses.cli import build_parser
 from memtrace.analyses.engine import Replay
 from memtrace.analyses.kernels import ContentTable
 from memtrace.analyses.ksm import KsmAnalysis
 from memtrace.analyses.oracle import OracleAnalysis
-from memtrace.analyses.sharing import SharingAnalysis
+from memtrace.analyses.registry import ANALYSES
 from memtrace.analyses.snapshots import SnapshotVsContinuous
 from memtrace.analyses.state import ReplayState
 from memtrace.traces.reader import open_trace
@@ -85,17 +88,21 @@ def results_json(analyses: list) -> str:
                       sort_keys=True)
 
 
-def every_analysis(interval: int | None = None) -> list:
-    """Every analysis but KSM (whose ids turn recycling off), the snapshot analysis in both
-    views, the attribution with its list of top contents (hashes of the peak's ids)."""
-    return [SharingAnalysis(interval=interval), OracleAnalysis(),
-            SnapshotVsContinuous(interval=interval),
-            SnapshotVsContinuous(interval=interval, view="frame"), AttributionAnalysis(top=5)]
+def every_analysis() -> list[Analysis]:
+    """Every registered analysis that lets ids be recycled (all but KSM's), as trace-analyze
+    builds it without options (the attribution lists its top 10 contents: hashes of the
+    peak's ids), and the snapshot analysis's frame view."""
+    args = build_parser().parse_args([])
+    return [c.from_args(args) for c in ANALYSES if not c.holds_content_ids] + \
+        [SnapshotVsContinuous(view="frame")]
 
 
-def replay(path, recycle: bool) -> tuple[str, ReplayState]:
-    an = every_analysis(interval=5)
-    rp = Replay(open_trace(path), an, progress=False)
+def replay(path, recycle: bool = True, interval: int | None = None,
+           analyses: list[Analysis] | None = None) -> tuple[str, ReplayState]:
+    """Results (as JSON) and state of a replay with ``analyses`` (default: every one)."""
+    an = every_analysis() if analyses is None else analyses
+    rp = Replay(open_trace(path), an, progress=False,
+                interval=Interval(interval) if interval else None)
     rp.state.recycle = recycle
     st_ = rp.run()
     return results_json(an), st_
@@ -120,8 +127,8 @@ def test_recycled_ids_change_no_result(tmp_path, monkeypatch, ops_):
     path = tmp_path / "r.mtr"
     build(path, ops_, chunk_bytes=256)
     monkeypatch.setattr(ReplayState, "content_bits", 4)
-    recycled, st_on = replay(path, recycle=True)
-    kept, st_off = replay(path, recycle=False)
+    recycled, st_on = replay(path, recycle=True, interval=5)
+    kept, st_off = replay(path, recycle=False, interval=5)
     assert st_off.forgotten == 0
     assert recycled == kept
 
@@ -130,9 +137,7 @@ def test_tiny_tables_forget_on_the_sample_and_stay_bounded(monkeypatch, say):
     """The recorded sample through a content table that starts at 2,048 ids: contents are
     forgotten and the ids in use stay within a small multiple of what the frames hold."""
     monkeypatch.setattr(ReplayState, "content_bits", 12)
-    an = every_analysis()
-    rp = Replay(open_trace(SAMPLES / "default.mtr"), an, progress=False)
-    st_ = rp.run()
+    _, st_ = replay(SAMPLES / "default.mtr")
     assert st_.forgotten > 100_000
     held = len(np.unique(st_.content[st_.content >= 0]))
     assert st_.contents.n <= 4 * st_.nframes
@@ -235,11 +240,7 @@ def test_a_content_emptied_in_this_instant_is_not_forgotten_in_it(tmp_path, monk
     monkeypatch.setattr(ReplayState, "content_bits", 4)
     got = {}
     for recycle in (True, False):
-        an = every_analysis(interval=10)
-        rp = Replay(open_trace(tmp_path / "i.mtr"), an, progress=False)
-        rp.state.recycle = recycle
-        st_ = rp.run()
-        got[recycle] = results_json(an)
+        got[recycle], st_ = replay(tmp_path / "i.mtr", recycle, interval=10)
         if recycle:  # the table did run out in that instant, and nothing was forgotten
             assert st_.contents.capacity >= 150 and not st_.forgotten
     assert got[True] == got[False]
