@@ -9,6 +9,7 @@ can be read at every content change without recomputation.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -39,6 +40,7 @@ from memtrace.traces.format import TaskOp, VmaOp
 from memtrace.traces.pagehash import ZERO_HASH
 
 CLONE_VM = 0x100  # clone flag: the child shares the parent's address space (a thread)
+EXITED_KEPT = 1000
 
 
 @dataclass
@@ -268,7 +270,9 @@ class ReplayState:
     def _init_state(self) -> None:
         self.spaces: dict[int, AddressSpace] = {}
         self.tasks: dict[int, Task] = {}
-        self.exited: list[Task] = []
+        #: the last EXITED_KEPT tasks that exited (a long trace's would grow without bound)
+        self.exited: deque[Task] = deque(maxlen=EXITED_KEPT)
+        self.exited_count = 0
         self.lost: dict[int, int] = {}
         self.counters: dict[str, int] = {}
         self.marks: list[tuple[int, int, str | None]] = []
@@ -582,6 +586,7 @@ class ReplayState:
         elif op == TaskOp.EXIT:
             task.died = self.t
             self.exited.append(self.tasks.pop(pid))
+            self.exited_count += 1
             self._detach(pid, task.mm)
         elif op == TaskOp.COMM and name:
             task.comm = name
