@@ -258,11 +258,14 @@ def main() -> None:
     ap.add_argument("--page-updates", type=int, metavar="N",
                     help="write the replay benchmark's stress trace of N page updates instead")
     ap.add_argument("--per-epoch", type=int, default=5000, help="with --page-updates")
+    ap.add_argument("--frames", type=int, default=BENCH_FRAMES,
+                    help="with --page-updates: guest frames (default 131072, 512 MiB)")
     ap.add_argument("--fresh", action="store_true",
                     help="with --page-updates: every content new (never repeats)")
     a = ap.parse_args()
     if a.page_updates is not None:
-        page_updates(a.output, a.page_updates, a.per_epoch, seed=a.seed, repeat=not a.fresh)
+        page_updates(a.output, a.page_updates, a.per_epoch, a.frames, seed=a.seed,
+                     repeat=not a.fresh)
     else:
         generate(a.output, a.instances, a.seed, a.zero_install, a.epochs)
 
