@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from memtrace.analyses.base import Analysis, Context, Interval, Plot, Result, Table, UsageError
+from memtrace.analyses.history import Rows
 from memtrace.analyses.kernels import content_keys
 from memtrace.analyses.state import ReplayState
 
@@ -80,10 +81,10 @@ class SnapshotVsContinuous(Analysis):
         self.f_cid = np.zeros(0, dtype=np.int64)
         self.f_start = np.zeros(0, dtype=np.int64)
         self.f_acc = np.zeros(0, dtype=np.float64)
-        self.closed: list[np.ndarray] = []  # rows: start t, end t, page-time, left, right
+        self.closed = Rows(5, np.float64)  # rows: start t, end t, page-time, left, right
         self.snap_rows: list[list[Any]] = []
         self.prev: tuple[np.ndarray, np.ndarray] | None = None
-        self.timeline: list[tuple[int, int, int]] = []  # (t0, t1, saved) per instant
+        self.timeline = Rows(3)  # (t0, t1, saved) per instant
         self.first_t: int | None = None
 
     def begin(self, ctx: Context) -> None:
@@ -124,7 +125,7 @@ class SnapshotVsContinuous(Analysis):
 
     def _close(self, c: np.ndarray, t: int, right: bool) -> None:
         starts = self.start[c]
-        self.closed.append(np.stack([starts.astype(np.float64), np.full(len(c), float(t)),
+        self.closed.extend(np.stack([starts.astype(np.float64), np.full(len(c), float(t)),
                                      self.acc[c], (starts == self.first_t).astype(np.float64),
                                      np.full(len(c), float(right))], axis=1))
         self.start[c] = -1
@@ -151,7 +152,7 @@ class SnapshotVsContinuous(Analysis):
         ending = np.flatnonzero(changed & (prev >= 0))
         if len(ending):
             starts = self.f_start[ending]
-            self.closed.append(np.stack([
+            self.closed.extend(np.stack([
                 starts.astype(np.float64), np.full(len(ending), float(t0)), self.f_acc[ending],
                 (starts == self.first_t).astype(np.float64), np.zeros(len(ending))], axis=1))
         opening = np.flatnonzero(changed & (cur >= 0))
@@ -208,7 +209,7 @@ class SnapshotVsContinuous(Analysis):
             live = np.flatnonzero(self.f_cid >= 0)
             if len(live):
                 starts = self.f_start[live]
-                self.closed.append(np.stack([
+                self.closed.extend(np.stack([
                     starts.astype(np.float64), np.full(len(live), float(t)), self.f_acc[live],
                     (starts == self.first_t).astype(np.float64), np.ones(len(live))], axis=1))
 
@@ -218,9 +219,9 @@ class SnapshotVsContinuous(Analysis):
 
     def _phase_means(self, span: float) -> list[float]:
         """The snapshot mean savings of a grid every T started at each of PHASES offsets."""
-        if not self.timeline or span <= 0:
+        if not len(self.timeline) or span <= 0:
             return []
-        tl = np.array(self.timeline, dtype=np.float64)
+        tl = self.timeline.array().astype(np.float64)
         x0 = self._x(tl[:, 0])
         saved = tl[:, 2]
         means = []
@@ -245,7 +246,7 @@ class SnapshotVsContinuous(Analysis):
         r.summary["snapshots"] = len(snaps)
         r.summary["snapshot_mean_savings"] = round(float(np.mean(snaps)), 2) if snaps else 0
         r.units["snapshot_mean_savings"] = "pages, the grid from the trace's first instant"
-        tl = np.array(self.timeline, dtype=np.float64).reshape(-1, 3)
+        tl = self.timeline.array().astype(np.float64)
         weights = (np.asarray(tb.span(tl[:, 0], tl[:, 1]), dtype=np.float64)
                    if len(tl) else np.zeros(0))
         total_time = float(weights.sum())
@@ -284,7 +285,7 @@ class SnapshotVsContinuous(Analysis):
         return r
 
     def _lifetimes(self, r: Result, unit: str, span: float) -> None:
-        opp = np.concatenate(self.closed) if self.closed else np.zeros((0, 5))
+        opp = self.closed.array()
         T = self.T
         x0, x1 = self._x(opp[:, 0]), self._x(opp[:, 1])
         life = x1 - x0
