@@ -4,11 +4,12 @@ versions of its repeating and never-repeating traces).
 
 ``figures_reference.json`` holds, per trace, each analysis's summary (every scalar as
 ``trace-analyze --format json`` prints it) and a sha256 of each of its tables, written by the
-analyses of commit e23f1c7, before ids were recycled (``python -m
-tests.unit.analyses.test_figures_unchanged --write`` rewrites it: only do that with code whose
-figures are known to be right). The generated traces carry a digest of their records, so a
-generator that changed (numpy's random streams may move between versions) is reported as such,
-not as changed figures.
+analyses of main at f68c177, which never recycle ids (this module's ``--write`` run with main's
+``memtrace`` package first on PYTHONPATH and this branch's ``traces/synthetic.py`` beside it for
+the generator; ``python -m tests.unit.analyses.test_figures_unchanged --write`` rewrites it from
+the code at hand: only do that with code whose figures are known to be right). The generated
+traces carry a digest of their records, so a generator that changed (numpy's random streams may
+move between versions) is reported as such, not as changed figures.
 """
 
 from __future__ import annotations
