@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memtrace.analyses.attribution import AttributionAnalysis, hash_hex
+from memtrace.analyses.attribution import AttributionAnalysis
+from memtrace.analyses.attribution.showpage import hash_hex
 from memtrace.analyses.base import Analysis, Interval
 from memtrace.analyses.cli import build_parser
 from memtrace.analyses.engine import Replay
