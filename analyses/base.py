@@ -20,6 +20,17 @@ The contract, in the order the engine keeps it:
   stayed as it is on [t0, t1). ``on_records(state, kind, records, chunk)`` passes event records
   (TASK, VMA, MARK, COUNTER, LOST) in trace order as they are applied, for bookkeeping (names,
   phases, counters): what they change is only complete at the instant's end.
+- Content ids are recycled. A content id (``state.content``, ``contents.lo/hi[id]``,
+  ``ref_*[id]``, the ``cids`` of ``on_content``) names one content only while a frame holds it:
+  once none does (its reference counts are all zero) and ``on_content`` has reported the
+  instant that emptied it, the state may forget the content and give the id to another one; a
+  content that comes back later gets an id again, maybe another. ``on_content_forgotten(cids)``
+  names forgotten ids before any is given again (between blocks of records, never inside one).
+  An analysis that keeps anything under content ids from one hook to the next (per-id arrays,
+  sets of ids, a copy of ``state.content``) drops or marks it there, or reads hashes from a copy
+  (``state.contents.hashes()``), so that it never takes the new content for the old. One that
+  cannot let go of ids sets ``holds_content_ids``: the state then forgets nothing, and replay
+  memory grows with every distinct content of the trace (about 100 bytes each).
 - ``end(state)``, then ``result()``: a ``Result`` of summaries and tables, all JSON-serializable.
 - ``plots(result)``: optional pictures (``Plot``), drawn by ``trace-analyze --plot``; plots that
   name the same panel share one set of axes (the four figures and the oracle, for example).
@@ -251,6 +262,9 @@ class Analysis:
     #: run when trace-analyze is given no analysis switch
     default = False
     wants_content_deltas = False
+    #: True if the analysis keeps content ids it cannot drop in ``on_content_forgotten``:
+    #: then no content is forgotten (memory grows with the trace)
+    holds_content_ids = False
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -282,6 +296,10 @@ class Analysis:
 
     def on_content(self, cids: np.ndarray, before: np.ndarray, after: np.ndarray) -> None:
         pass
+
+    def on_content_forgotten(self, cids: np.ndarray) -> None:
+        """No frame holds the contents ``cids`` any more and their ids will be given to other
+        contents: forget what is kept under them (see the module's contract)."""
 
     def on_records(self, state: ReplayState, kind: int, records: np.ndarray, chunk: Chunk) -> None:
         """A block of records of ``kind`` (any kind but WRITE), after the state applied it."""

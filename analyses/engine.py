@@ -31,6 +31,9 @@ class Replay:
         for a in self.analyses:
             if a.wants_content_deltas:
                 self.state.listeners.append(a.on_content)
+            if a.holds_content_ids:
+                self.state.recycle = False
+            self.state.forget_listeners.append(a.on_content_forgotten)
             a.begin(self.context)
 
     # -- time -----------------------------------------------------------------------------------

@@ -41,6 +41,9 @@ for the analyses that follow contents (``Analysis.wants_content_deltas``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 import llvmlite.binding
 import numpy as np
 from llvmlite import ir
@@ -213,49 +216,118 @@ def table_select(keys: np.ndarray, vals: np.ndarray, mmid: int
     return lo_out, v_out
 
 
-# ContentArrays = (keys, vals, shift, lo, hi, counts): the content table's slots and hash shift
-#   (``shift[0]``), the full hash of each id, and counts = [ids assigned, entries in the table,
-#   most entries allowed before the table must grow]. The low 64 bits are the key (see
-#   ``analyses.content``); key 0 marks empty slots, so a hash whose low half is 0 is stored under
-#   another fixed key (one more 64-bit collision chance). Every content ever seen keeps its entry
-#   and its id (analyses remember ids: a content that comes back must get the same one), so the
-#   table grows with the distinct contents of the trace, 50-70 bytes each with the per-id
-#   arrays of the state.
+# ContentArrays = (keys, vals, shift, lo, hi, counts, free): the content table's slots and hash
+#   shift (``shift[0]``), the full hash of each id, counts = [ids assigned so far (the highest
+#   id + 1), entries in the table, most entries allowed before the table must grow, ids in the
+#   free list], and the free list (ids to give again, the next one last). The low 64 bits are
+#   the key (see ``analyses.content``); key 0 marks empty slots, so a hash whose low half is 0 is
+#   stored under another fixed key (one more 64-bit collision chance).
+#
+# Ids are recycled: the state forgets the contents no frame holds any more (``collect``: their
+# entries leave the table, their ids go to the free list) when the table runs out of room,
+# between blocks, after telling the analyses (``Analysis.on_content_forgotten``). A new content
+# takes an id from the free list first. So the table holds the contents the frames hold now
+# plus those that lost their last frame since the last collection, not every content the trace
+# ever had (see ``analyses.state.ReplayState.recycle``).
 ContentArrays = tuple
+
+
+_KEY_OF_ZERO = np.uint64(0x8000000000000001)
 
 
 @hot
 def _content_key(lo: np.uint64) -> np.uint64:
-    return lo if lo != 0 else np.uint64(0x8000000000000001)
+    return lo if lo != 0 else _KEY_OF_ZERO
+
+
+def content_keys(lo: np.ndarray) -> np.ndarray:
+    """The table keys of hashes whose low halves are ``lo``: what makes two contents one for
+    the replay (the same key, the same id while the content is held)."""
+    lo = np.asarray(lo, dtype=np.uint64)
+    return np.where(lo == 0, _KEY_OF_ZERO, lo)
 
 
 @hot
 def _content_id(ct: ContentArrays, hash_lo: np.uint64, hash_hi: np.uint64, room: int) -> int:
-    """The id of a hash, assigning the next id to a new one; -1 if it is new and there is no
-    room (the table is at its fill limit, or ``room`` ids are already assigned)."""
-    keys, vals, shift, lo, hi, counts = ct
+    """The id of a hash, giving a new one the last id of the free list, else the next id; -1
+    if it is new and there is no room (the table is at its fill limit, or the free list is
+    empty and ``room`` ids are already assigned)."""
+    keys, vals, shift, lo, hi, counts, free = ct
     key = _content_key(hash_lo)
     s = table_find(keys, key, shift[0])
     if s >= 0:
         return vals[s]
-    n = counts[0]
-    if n >= room or counts[1] >= counts[2]:
+    if counts[1] >= counts[2]:
         return -1
+    nfree = counts[3]
+    if nfree:
+        c = free[nfree - 1]
+        counts[3] = nfree - 1
+    else:
+        c = counts[0]
+        if c >= room:
+            return -1
+        counts[0] = c + 1
     s = -1 - s
     keys[s] = key
-    vals[s] = n
-    lo[n] = hash_lo
-    hi[n] = hash_hi
-    counts[0] = n + 1
+    vals[s] = c
+    lo[c] = hash_lo
+    hi[c] = hash_hi
     counts[1] += 1
-    return n
+    return c
+
+
+@hot
+def collect_contents(ct: ContentArrays, ref_all: np.ndarray, mark: np.ndarray, keep: int,
+                     was_free: np.ndarray, forgotten: np.ndarray) -> int:
+    """Forget every content no frame holds (``ref_all`` 0), but ``keep`` and those whose change
+    the instant's log still holds (``mark``, see ``ContentLog``: the listeners have not heard
+    that they emptied): the table is rebuilt with the others and the free list made of all ids
+    that name nothing, lowest given first.
+    The ids that named a content until now (not already free) go to ``forgotten``; returns how
+    many. ``was_free`` is scratch (all False, one per id).
+
+    Rebuilding costs a pass over the ids and one insertion per live content; deleting the
+    forgotten entries one by one cost about 50 ns each (a random probe and a backward shift),
+    and a collection forgets at least as many contents as it keeps (the state grows the table
+    so that at most half of it is live after one)."""
+    keys, vals, shift, lo, counts, free = ct[0], ct[1], ct[2][0], ct[3], ct[5], ct[6]
+    n, nfree = counts[0], counts[3]
+    for i in range(nfree):
+        was_free[free[i]] = True
+    keys[:] = 0
+    live = 0
+    nf = 0
+    nforgot = 0
+    for i in range(n):
+        j = i + PREFETCH_AHEAD
+        if j < n and (ref_all[j] != 0 or mark[j] != 0):
+            prefetch(keys, _home(_content_key(lo[j]), shift))
+        if ref_all[i] != 0 or mark[i] != 0 or i == keep:
+            s = -1 - table_find(keys, _content_key(lo[i]), shift)
+            keys[s] = _content_key(lo[i])
+            vals[s] = i
+            live += 1
+        else:
+            free[nf] = i
+            nf += 1
+            if was_free[i]:
+                was_free[i] = False
+            else:
+                forgotten[nforgot] = i
+                nforgot += 1
+    for i in range(nf // 2):  # the free list is a stack: lowest ids on top
+        free[i], free[nf - 1 - i] = free[nf - 1 - i], free[i]
+    counts[1] = live
+    counts[3] = nf
+    return nforgot
 
 
 @hot
 def content_ids(ct: ContentArrays, hash_lo: np.ndarray, hash_hi: np.ndarray, out: np.ndarray,
                 start: int) -> int:
-    """Dense ids of the given hashes into ``out`` from index ``start`` on, appending unknown
-    hashes as new ids. Returns the index it stopped at: ``len(hash_lo)``, or earlier when a new
+    """Dense ids of the given hashes into ``out`` from index ``start`` on, giving unknown
+    hashes new ids. Returns the index it stopped at: ``len(hash_lo)``, or earlier when a new
     hash found no room (the caller grows the table and calls again from there)."""
     room = len(ct[3])
     keys, shift = ct[0], ct[2][0]
@@ -607,35 +679,68 @@ class Table:
         return table_select(self.keys, self.vals, mmid)
 
 
+@dataclass(frozen=True)
+class ContentHashes:
+    """The full hash of each content id at one instant (``ContentTable.hashes``): what a copy of
+    the state kept for later reads instead of the live table, whose ids may name other contents
+    by then."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.lo)
+
+
 class ContentTable:
-    """Maps content hashes to dense ids (0, 1, 2, ...), assigning new ids on first sight.
+    """Maps content hashes to dense ids (0, 1, 2, ...), assigning ids on first sight, and takes
+    back the ids of contents the replay no longer needs (``forget``) to give them again.
 
     A hash table keyed by the hash's low 64 bits (``Table``), probed by compiled loops that stop
-    when it is half full; ``lo``/``hi`` give the full hash of each id.
+    when it is half full; ``lo``/``hi`` give the full hash of each id (of an id in the free list:
+    the content it named last).
     """
 
     def __init__(self, capacity_bits: int = 12) -> None:
         # room for as many ids as the table holds before it must grow
         self.lo = np.empty(1 << (capacity_bits - 1), dtype=np.uint64)
         self.hi = np.empty(1 << (capacity_bits - 1), dtype=np.uint64)
-        # ids assigned, entries in the table, most entries before it must grow
-        self.counts = np.zeros(3, dtype=np.int64)
+        self.free = np.empty(1 << (capacity_bits - 1), dtype=np.int64)
+        # ids assigned so far, entries in the table, most entries before it must grow, free ids
+        self.counts = np.zeros(4, dtype=np.int64)
         self._table = Table(capacity_bits)
         self._view: tuple[np.ndarray, ...] = ()
         self._update_view()
+        self._was_free = np.zeros(0, dtype=np.bool_)  # scratch of ``collect``
+        self._forgotten = np.zeros(0, dtype=np.int64)
 
     @property
     def n(self) -> int:
+        """Ids assigned so far: every id is below it (arrays indexed by id need this many rows)."""
         return int(self.counts[0])
 
     def __len__(self) -> int:
         return int(self.counts[0])
 
+    @property
+    def live(self) -> int:
+        """Contents in the table (ids assigned and not in the free list)."""
+        return int(self.counts[1])
+
+    @property
+    def capacity(self) -> int:
+        """Ids the arrays hold (and entries the table takes before it must grow)."""
+        return len(self.lo)
+
+    def room(self) -> int:
+        """New contents that fit without growing anything."""
+        return int(self.counts[3]) + len(self.lo) - int(self.counts[0])
+
     def _update_view(self) -> None:
         t = self._table
         self.counts[2] = len(t.keys) // 2
         self._view = (t.keys, t.vals, np.array([t.shift], dtype=np.uint64), self.lo, self.hi,
-                      self.counts)
+                      self.counts, self.free)
 
     def kernel_view(self) -> tuple[np.ndarray, ...]:
         """The arrays the compiled loops work on (``ContentArrays``)."""
@@ -647,10 +752,42 @@ class ContentTable:
         if self.counts[1] >= self.counts[2]:
             self._table.reserve(int(self.counts[1]), 1)
         if ids_needed > len(self.lo):
-            size = max(ids_needed, 2 * len(self.lo))
-            self.lo = np.resize(self.lo, size)
-            self.hi = np.resize(self.hi, size)
+            self._resize(max(ids_needed, 2 * len(self.lo)))
         self._update_view()
+
+    def _resize(self, size: int) -> None:
+        self.lo = np.resize(self.lo, size)
+        self.hi = np.resize(self.hi, size)
+        self.free = np.resize(self.free, size)
+
+    def grow(self, capacity: int) -> None:
+        """Room for ``capacity`` ids (table and per-id arrays together), if there is less."""
+        if capacity <= len(self.lo):
+            return
+        self._table.reserve(int(self.counts[1]), capacity - int(self.counts[1]))
+        self._resize(capacity)
+        self._update_view()
+
+    def collect(self, ref_all: np.ndarray, mark: np.ndarray, keep: int,
+                listeners: Sequence[Callable[[np.ndarray], None]] = ()) -> int:
+        """Forget the contents whose ``ref_all`` and ``mark`` are 0 (all but ``keep``): they
+        leave the table and their ids go to the free list, to be given to new contents, lowest
+        first. The ``listeners`` get the ids that named a content until now before any is
+        given again. Returns how many contents were forgotten."""
+        if len(self._was_free) < len(self.lo):
+            self._was_free = np.zeros(len(self.lo), dtype=np.bool_)
+            self._forgotten = np.empty(len(self.lo), dtype=np.int64)
+        k = collect_contents(self._view, ref_all, mark, keep, self._was_free, self._forgotten)
+        if k:
+            cids = self._forgotten[:k].copy()
+            for listener in listeners:
+                listener(cids)
+        return k
+
+    def hashes(self) -> ContentHashes:
+        """A copy of the full hash of every id, for reading after the ids may be recycled."""
+        n = self.n
+        return ContentHashes(self.lo[:n].copy(), self.hi[:n].copy())
 
     def ids(self, hash_lo: np.ndarray, hash_hi: np.ndarray) -> np.ndarray:
         """Content ids for the given hashes (int64 array, same length)."""

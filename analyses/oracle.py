@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from memtrace.analyses.base import Analysis, Plot, Result, Table
+from memtrace.analyses.history import Rows
 from memtrace.analyses.plot import steps
 from memtrace.analyses.state import ReplayState
 from memtrace.analyses.timeline import pages_to_mib
@@ -34,16 +35,18 @@ class OracleAnalysis(Analysis):
 
     def __init__(self) -> None:
         # change points: [t_start, t_end, oracle, mmap_fork, ksm_hint_all, no_sharing]
-        self.points: list[list[int]] = []
+        self.points = Rows(2 + len(SERIES))
         self.final: dict[str, int] = {}
 
     def on_interval(self, st: ReplayState, t0: int, t1: int) -> None:
         f = st.figures()
         vals = [f[k] for k in SERIES]
-        if self.points and self.points[-1][2:] == vals and self.points[-1][1] == t0:
-            self.points[-1][1] = t1
-        else:
-            self.points.append([t0, t1, *vals])
+        if len(self.points):
+            last = self.points.last
+            if last[1] == t0 and last[2:].tolist() == vals:
+                last[1] = t1
+                return
+        self.points.append([t0, t1, *vals])
 
     def end(self, st: ReplayState) -> None:
         self.final = st.figures()
@@ -55,7 +58,8 @@ class OracleAnalysis(Analysis):
         unit = tr.clock_unit
         ps = tr.page_size
         r = Result("oracle")
-        pts = [p for p in self.points if p[1] > p[0]]
+        points = self.series()
+        pts = [p for p in points if p[1] > p[0]]
         duration = sum(p[1] - p[0] for p in pts)
         active = [p for p in pts if p[3] > 0]  # something mapped
         if duration == 0:
@@ -117,9 +121,9 @@ class OracleAnalysis(Analysis):
             r.units["savings_vs_ksm_hint_all_mean"] = "pages"
         r.summary["duration"] = duration
         r.units["duration"] = unit
-        r.summary["change_points"] = len(self.points)
+        r.summary["change_points"] = len(points)
         r.tables["series"] = self.ctx.series(["t", "t_end", "oracle", *SERIES[1:]],
-                                             [list(p) for p in self.points],
+                                             points,
                                              "oracle lower bound at every change (pages)",
                                              times=2)
         by_phase = self._by_phase(pts, weight)
@@ -180,4 +184,5 @@ class OracleAnalysis(Analysis):
                      ylabel="memory (MiB)")]
 
     def series(self) -> list[list[Any]]:
-        return self.points
+        """The change points as rows of Python ints."""
+        return self.points.array().tolist()

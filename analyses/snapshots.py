@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from memtrace.analyses.base import Analysis, Context, Interval, Plot, Result, Table, UsageError
+from memtrace.analyses.history import Rows
+from memtrace.analyses.kernels import content_keys
 from memtrace.analyses.state import ReplayState
 
 VIEWS = ("content", "frame")
@@ -79,10 +81,10 @@ class SnapshotVsContinuous(Analysis):
         self.f_cid = np.zeros(0, dtype=np.int64)
         self.f_start = np.zeros(0, dtype=np.int64)
         self.f_acc = np.zeros(0, dtype=np.float64)
-        self.closed: list[np.ndarray] = []  # rows: start t, end t, page-time, left, right
+        self.closed = Rows(5, np.float64)  # rows: start t, end t, page-time, left, right
         self.snap_rows: list[list[Any]] = []
         self.prev: tuple[np.ndarray, np.ndarray] | None = None
-        self.timeline: list[tuple[int, int, int]] = []  # (t0, t1, saved) per instant
+        self.timeline = Rows(3)  # (t0, t1, saved) per instant
         self.first_t: int | None = None
 
     def begin(self, ctx: Context) -> None:
@@ -123,10 +125,16 @@ class SnapshotVsContinuous(Analysis):
 
     def _close(self, c: np.ndarray, t: int, right: bool) -> None:
         starts = self.start[c]
-        self.closed.append(np.stack([starts.astype(np.float64), np.full(len(c), float(t)),
+        self.closed.extend(np.stack([starts.astype(np.float64), np.full(len(c), float(t)),
                                      self.acc[c], (starts == self.first_t).astype(np.float64),
                                      np.full(len(c), float(right))], axis=1))
         self.start[c] = -1
+
+    # Content ids are recycled (see analyses/base.py): an id is forgotten only once no frame
+    # holds its content and the instant that emptied it was reported, so no opportunity is open
+    # under it (start is -1) and no frame's f_cid names it (a frame loses its content, or stops
+    # being mapped, only in an instant that reports it, and _frames has seen that instant
+    # since). Snapshots compare contents by key, not by id (_snapshot).
 
     # -- opportunities, per frame -----------------------------------------------------------------
     def _frames(self, st: ReplayState, t0: int, t1: int) -> None:
@@ -144,7 +152,7 @@ class SnapshotVsContinuous(Analysis):
         ending = np.flatnonzero(changed & (prev >= 0))
         if len(ending):
             starts = self.f_start[ending]
-            self.closed.append(np.stack([
+            self.closed.extend(np.stack([
                 starts.astype(np.float64), np.full(len(ending), float(t0)), self.f_acc[ending],
                 (starts == self.first_t).astype(np.float64), np.zeros(len(ending))], axis=1))
         opening = np.flatnonzero(changed & (cur >= 0))
@@ -172,14 +180,18 @@ class SnapshotVsContinuous(Analysis):
         dup = np.flatnonzero(ref >= 2)
         sav = ref[dup] - 1
         total = int(sav.sum())
+        # a content survives if it is duplicated at both snapshots, also if it went away and
+        # came back in between: matched by key, since it may then have another id, and its
+        # old id another content
+        keys = content_keys(st.contents.lo[dup])
         surv_c = surv_p = None
         if self.prev is not None:
-            pdup, psav = self.prev
-            common, pi, ci = np.intersect1d(pdup, dup, return_indices=True)
-            surv_c = round(len(common) / len(pdup), 4) if len(pdup) else None
+            pkeys, psav = self.prev
+            common, pi, ci = np.intersect1d(pkeys, keys, return_indices=True)
+            surv_c = round(len(common) / len(pkeys), 4) if len(pkeys) else None
             surv_p = (round(float(np.minimum(psav[pi], sav[ci]).sum()) / float(psav.sum()), 4)
                       if psav.sum() else None)
-        self.prev = (dup, sav)
+        self.prev = (keys, sav)
         x = float(self.tb.x(s))
         self.snap_rows.append([s, round(x, 6), total, len(dup), surv_c, surv_p])
 
@@ -197,7 +209,7 @@ class SnapshotVsContinuous(Analysis):
             live = np.flatnonzero(self.f_cid >= 0)
             if len(live):
                 starts = self.f_start[live]
-                self.closed.append(np.stack([
+                self.closed.extend(np.stack([
                     starts.astype(np.float64), np.full(len(live), float(t)), self.f_acc[live],
                     (starts == self.first_t).astype(np.float64), np.ones(len(live))], axis=1))
 
@@ -207,9 +219,9 @@ class SnapshotVsContinuous(Analysis):
 
     def _phase_means(self, span: float) -> list[float]:
         """The snapshot mean savings of a grid every T started at each of PHASES offsets."""
-        if not self.timeline or span <= 0:
+        if not len(self.timeline) or span <= 0:
             return []
-        tl = np.array(self.timeline, dtype=np.float64)
+        tl = self.timeline.array().astype(np.float64)
         x0 = self._x(tl[:, 0])
         saved = tl[:, 2]
         means = []
@@ -234,7 +246,7 @@ class SnapshotVsContinuous(Analysis):
         r.summary["snapshots"] = len(snaps)
         r.summary["snapshot_mean_savings"] = round(float(np.mean(snaps)), 2) if snaps else 0
         r.units["snapshot_mean_savings"] = "pages, the grid from the trace's first instant"
-        tl = np.array(self.timeline, dtype=np.float64).reshape(-1, 3)
+        tl = self.timeline.array().astype(np.float64)
         weights = (np.asarray(tb.span(tl[:, 0], tl[:, 1]), dtype=np.float64)
                    if len(tl) else np.zeros(0))
         total_time = float(weights.sum())
@@ -273,7 +285,7 @@ class SnapshotVsContinuous(Analysis):
         return r
 
     def _lifetimes(self, r: Result, unit: str, span: float) -> None:
-        opp = np.concatenate(self.closed) if self.closed else np.zeros((0, 5))
+        opp = self.closed.array()
         T = self.T
         x0, x1 = self._x(opp[:, 0]), self._x(opp[:, 1])
         life = x1 - x0

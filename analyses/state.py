@@ -9,6 +9,7 @@ can be read at every content change without recomputation.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -39,6 +40,7 @@ from memtrace.traces.format import TaskOp, VmaOp
 from memtrace.traces.pagehash import ZERO_HASH
 
 CLONE_VM = 0x100  # clone flag: the child shares the parent's address space (a thread)
+EXITED_KEPT = 1000
 
 
 @dataclass
@@ -218,7 +220,18 @@ class ReplayState:
 
     The per-record work is done by the compiled loops of ``analyses.kernels``; this class owns the
     arrays they work on, grows them, and keeps the Python-side objects (tasks, VMAs, marks).
+
+    Memory is bounded by what is live: when the content table runs out of ids, the contents that
+    no frame holds any more (all three reference counts zero, and the listeners told; the zero
+    page's content stays) are forgotten and their ids given to new contents (``recycle``); the
+    table grows when more than half of it is still live after that. A content that comes back
+    later gets an id again, maybe another one. Analyses hear of forgotten ids before they are
+    given again (``forget_listeners``, ``Analysis.on_content_forgotten``).
     """
+
+    #: initial size of the content table, in bits of its slots (half as many ids); None: room
+    #: for about one content per frame. Tests make it small so that ids are recycled often.
+    content_bits: int | None = None
 
     def __init__(self, nframes: int = 0, page_size: int = 4096,
                  max_frames: int | None = None) -> None:
@@ -228,12 +241,18 @@ class ReplayState:
         #: frames beyond this are an error (FrameBeyondRam), not a reason to grow
         self.max_frames = max_frames if max_frames is not None else max(4 * nframes, 1 << 24)
         # room for about one content per frame before the table has to grow
-        self.contents = ContentTable(max(12, (2 * max(nframes, 1)).bit_length()))
+        self.contents = ContentTable(self.content_bits or
+                                     max(12, (2 * max(nframes, 1)).bit_length()))
         self.zero_cid = self.contents.id_of(*ZERO_HASH)
         self.listeners: list[ContentListener] = []
         # the current instant's content change log (see end_instant), kept across reset
         self._ilog = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64),
                       np.zeros(1, dtype=np.int64))
+        #: False: never forget a content (an analysis keeps ids of its own, ``holds_content_ids``)
+        self.recycle = True
+        #: called with the ids of forgotten contents, before the ids are given again
+        self.forget_listeners: list[Callable[[np.ndarray], None]] = []
+        self.forgotten = 0  # contents forgotten so far
         self._alloc(max(nframes, 1))
         self._init_state()
 
@@ -251,7 +270,9 @@ class ReplayState:
     def _init_state(self) -> None:
         self.spaces: dict[int, AddressSpace] = {}
         self.tasks: dict[int, Task] = {}
-        self.exited: list[Task] = []
+        #: the last EXITED_KEPT tasks that exited (a long trace's would grow without bound)
+        self.exited: deque[Task] = deque(maxlen=EXITED_KEPT)
+        self.exited_count = 0
         self.lost: dict[int, int] = {}
         self.counters: dict[str, int] = {}
         self.marks: list[tuple[int, int, str | None]] = []
@@ -365,10 +386,11 @@ class ReplayState:
             setattr(self, name, new)
         self._views()
 
-    def _ensure_ids(self, n: int) -> None:
-        """Room for ``n`` content ids in the per-id arrays."""
+    def _ensure_ids(self, n: int, exact: bool = False) -> None:
+        """Room for ``n`` content ids in the per-id arrays (at least twice as many as now,
+        unless ``exact``)."""
         if n > len(self.ref_all):
-            size = max(n, 2 * len(self.ref_all))
+            size = n if exact else max(n, 2 * len(self.ref_all))
             rows = np.zeros((size, 4), dtype=self._refs.dtype)
             rows[:len(self._refs)] = self._refs
             self._content_arrays(rows)
@@ -457,10 +479,27 @@ class ReplayState:
         """PAGE records, in order."""
         if not len(frame):
             return
+        if self.recycle and self.contents.room() < len(frame):
+            self._content_room(len(frame))
         ids = self.contents.ids(hash_lo, hash_hi)
         self._ensure_ids(len(self.contents))
         self._run(kernels.apply_pages, frame, ids, changes=2 * len(frame), records=len(frame),
                   make_room=lambda i: self.ensure_frames(int(frame[i])))
+
+    def _content_room(self, k: int) -> None:
+        """Room for ``k`` new contents: forget the contents no frame holds, then grow the table
+        if more than half of it is live (or ``k`` do not fit), so that a collection forgets at
+        least as many contents as it keeps. What a collection costs is one insertion per kept
+        content (about 25 ns) and a pass over the ids; a table twice as large as what is live
+        makes that 25-50 ns per forgotten content, against 120-170 ns per page update."""
+        ct = self.contents
+        self.forgotten += ct.collect(self.ref_all, self._mark, self.zero_cid,
+                                     self.forget_listeners)
+        need = max(SPARE * ct.live, ct.live + k)
+        if need > ct.capacity:
+            cap = -(-max(need, ct.capacity * 5 // 4) // 64) * 64
+            ct.grow(cap)
+            self._ensure_ids(cap, exact=True)
 
     def _space(self, mm: int) -> AddressSpace:
         sp = self.spaces.get(mm)
@@ -547,6 +586,7 @@ class ReplayState:
         elif op == TaskOp.EXIT:
             task.died = self.t
             self.exited.append(self.tasks.pop(pid))
+            self.exited_count += 1
             self._detach(pid, task.mm)
         elif op == TaskOp.COMM and name:
             task.comm = name
@@ -580,6 +620,9 @@ class ReplayState:
         self._init_state()
         self.t = t
 
+
+#: ids per live content the content table keeps room for at least (see ``_content_room``)
+SPARE = 2
 
 _NO_LOG = (np.zeros((0, 4), dtype=np.int32)[:, 3], np.zeros(0, dtype=np.int64),
            np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64))

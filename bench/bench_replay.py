@@ -20,11 +20,11 @@ import numpy as np
 from memtrace.analyses.engine import Replay  # noqa: E402
 from memtrace.analyses.memimage import MemoryImage  # noqa: E402
 from memtrace.analyses.registry import ANALYSES  # noqa: E402
-from memtrace.traces.format import DTYPES, MAP_PRESENT, Kind  # noqa: E402
+from memtrace.traces.format import DTYPES, Kind  # noqa: E402
 from memtrace.traces.reader import open_trace  # noqa: E402
-from memtrace.traces.writer import TraceWriter  # noqa: E402
+from memtrace.traces.synthetic import BENCH_FRAMES, page_updates  # noqa: E402
 
-NFRAMES = 131072  # 512 MiB guest
+NFRAMES = BENCH_FRAMES  # 512 MiB guest
 
 
 def best_of(fn: Callable[[], object], runs: int = 3) -> float:
@@ -54,27 +54,7 @@ def replay(path: str, analyses: bool = False) -> None:
 def make_trace(path: str, updates: int, per_epoch: int, seed: int = 1) -> None:
     """A pages-mode-like trace: 16 address spaces over 96k frames, then epochs of page updates
     whose contents come from a pool with many duplicates (so counters really move)."""
-    rng = np.random.default_rng(seed)
-    pool = rng.integers(1, 2**63, size=(updates // 4 + 50_000, 2), dtype=np.uint64)
-    with TraceWriter(path, {"ram_size": NFRAMES * 4096, "source": "synthetic",
-                            "generator": {"name": "bench_replay"}}) as w:
-        w.time(0)
-        frames = np.arange(NFRAMES, dtype=np.uint64)
-        c = pool[rng.integers(0, 50_000, NFRAMES)]
-        w.page(frames, c[:, 0], c[:, 1])
-        for mm in range(16):
-            fr = rng.choice(96_000, 6000, replace=False).astype(np.uint64)
-            w.map(np.full(6000, mm + 1, np.uint64), np.arange(6000, dtype=np.uint64) + 0x400,
-                  fr, np.full(6000, MAP_PRESENT, np.uint64))
-        t, done = 0, 0
-        while done < updates:
-            t += 10_000_000
-            w.time(t, t // 10_000_000)
-            k = min(per_epoch, updates - done)
-            fr = rng.choice(NFRAMES, k, replace=False).astype(np.uint64)
-            c = pool[rng.integers(0, len(pool), k)]
-            w.page(fr, c[:, 0], c[:, 1])
-            done += k
+    page_updates(path, updates, per_epoch, NFRAMES, seed)
 
 
 def bench_pages(updates: int, per_epoch: int) -> dict[str, float]:

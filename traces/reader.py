@@ -8,7 +8,6 @@ last complete chunk and records a warning in ``Trace.warnings``.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 import zlib
@@ -129,8 +128,6 @@ class Trace:
         except OSError as e:
             raise TraceError(path, None, f"cannot open: {e.strerror}") from None
         self.size = os.fstat(self._fd.fileno()).st_size
-        self._map: mmap.mmap | bytes = (mmap.mmap(self._fd.fileno(), 0, access=mmap.ACCESS_READ)
-                                        if self.size else b"")
         self._dctx = zstandard.ZstdDecompressor()
         self.header, self.data_offset = self._read_header()
         self.page_size = int(self.header.get("page_size", 4096))
@@ -146,7 +143,7 @@ class Trace:
 
     # -- structure ------------------------------------------------------------------------------
     def _read_header(self) -> tuple[dict[str, Any], int]:
-        m = self._map
+        m = self._read(0, FILE_HEADER.size)
         if self.size < FILE_HEADER.size or m[:8] != FILE_MAGIC:
             raise TraceError(self.path, 0, "not a memory trace (no MEMTRACE magic)",
                              "expected a file written by trace-record, trace-snapshot or a "
@@ -161,7 +158,7 @@ class Trace:
         if end > self.size:
             raise TraceError(self.path, FILE_HEADER.size, "file header cut short")
         try:
-            header = json.loads(bytes(m[FILE_HEADER.size:end]).decode())
+            header = json.loads(self._read(FILE_HEADER.size, hlen).decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise TraceError(self.path, FILE_HEADER.size,
                              f"file header is not valid JSON: {e}") from None
@@ -179,7 +176,7 @@ class Trace:
         """Parse the chunk header at ``offset``; None if the file ends inside the chunk."""
         if offset + CHUNK_HEADER.size > self.size:
             return None
-        raw = self._map[offset:offset + CHUNK_HEADER.size]
+        raw = self._read(offset, CHUNK_HEADER.size)
         (magic, ctype, flags, plen, rawlen, t0, t1, seq, pcrc, hcrc) = CHUNK_HEADER.unpack(raw)
         if magic != CHUNK_MAGIC:
             raise TraceError(self.path, offset, "corrupt chunk: bad magic",
@@ -195,7 +192,7 @@ class Trace:
     def _read_index(self) -> list[ChunkInfo] | None:
         if self.size < self.data_offset + TRAILER.size:
             return None
-        tail = self._map[self.size - TRAILER.size:self.size]
+        tail = self._read(self.size - TRAILER.size, TRAILER.size)
         magic, index_offset, crc, _ = TRAILER.unpack(tail)
         if magic != TRAILER_MAGIC or zlib.crc32(tail[:16]) != crc:
             return None
@@ -220,7 +217,7 @@ class Trace:
         offset = self.data_offset
         while offset < self.size:
             if self.size - offset == TRAILER.size and \
-                    self._map[offset:offset + 8] == TRAILER_MAGIC:
+                    self._read(offset, 8) == TRAILER_MAGIC:
                 break
             info = self._chunk_at(offset)
             if info is None:
@@ -238,9 +235,19 @@ class Trace:
             offset = info.end
         return chunks
 
+    def _read(self, offset: int, n: int) -> bytes:
+        """``n`` bytes from ``offset`` (fewer at the end of the file).
+
+        Read, not mapped: the pages of a file mapping stay in the process once touched (the
+        kernel also maps up to 64 KB around each page it faults in), so a replay's resident size
+        grew with the trace: by all of it when payloads were sliced from a mapping (1 GB for 50 M
+        page updates), by 64 KB per chunk header read. A read copies the same bytes and leaves
+        them in the page cache only."""
+        return os.pread(self._fd.fileno(), n, offset)
+
     def _payload(self, info: ChunkInfo) -> bytes:
         start = info.offset + CHUNK_HEADER.size
-        payload = self._map[start:start + info.payload_len]
+        payload = self._read(start, info.payload_len)
         if zlib.crc32(payload) != info.payload_crc:
             raise TraceError(self.path, info.offset, "corrupt chunk: payload checksum mismatch",
                              "use --salvage to analyze the chunks before it")
@@ -358,8 +365,6 @@ class Trace:
         return bytes(raw[start:start + self.page_size])
 
     def close(self) -> None:
-        if isinstance(self._map, mmap.mmap):
-            self._map.close()
         self._fd.close()
 
     def __enter__(self) -> Trace:

@@ -1,4 +1,5 @@
-"""A documented synthetic workload generator, for unit tests and the built-in sample trace.
+"""Documented synthetic trace generators, for unit tests, the built-in sample trace and the
+replay benchmark.
 
 It plays a miniature of the thesis's terminal-server scenario (chapter 5.1) straight into the trace
 format, without QEMU: an init task forks N instances of a program; each maps the same shared library
@@ -10,6 +11,10 @@ named duplicates that only full CBPS can share).
 
 Page contents are real 4 KiB pages (a token repeated), hashed with xxh3_128 like the tracer does,
 and stored in the content store so that ``--show-page`` works on the sample.
+
+``page_updates`` writes the replay benchmark's stress traces instead (``bench/bench_replay.py``):
+address spaces that stay mapped, then millions of page updates whose contents come from a large
+pool (``repeat``) or are all new (the worst case for any content table or cache).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import argparse
 import random
 import struct
 from pathlib import Path
+
+import numpy as np
 
 from memtrace.traces.format import MAP_PRESENT, MAP_WRITABLE, MarkOp, PageCacheOp, TaskOp, VmaOp
 from memtrace.traces.pagehash import page_hash
@@ -170,6 +177,77 @@ def generate(path: str | Path, instances: int = 3, seed: int = 1, zero_install: 
         w.mark(MarkOp.STOP)
 
 
+BENCH_FRAMES = 131072  # 512 MiB guest
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a bijection of 64-bit words, so distinct inputs never collide."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _MIX1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+class _FreshContents:
+    """Hashes that never repeat: the n-th content is (mix(n), mix(n + 2**63)) for a counter n
+    that only grows (``mix`` is a bijection)."""
+
+    def __init__(self, seed: int) -> None:
+        self.n = np.uint64(seed) << np.uint64(40)
+
+    def take(self, k: int) -> np.ndarray:
+        i = self.n + np.arange(k, dtype=np.uint64)
+        self.n += np.uint64(k)
+        return np.stack([_splitmix(i), _splitmix(i ^ np.uint64(1 << 63))], axis=1)
+
+
+def page_updates(path: str | Path, updates: int, per_epoch: int = 5000,
+                 nframes: int = BENCH_FRAMES, seed: int = 1, repeat: bool = True) -> None:
+    """A pages-mode-like stress trace for the replay benchmark: 16 address spaces over about
+    three quarters of the frames (6000 pages each with the default 128k frames, scaled with
+    ``nframes``), then epochs of ``per_epoch`` page updates of distinct frames.
+
+    With ``repeat`` the contents come from a pool of ``updates // 4`` plus 50,000 random
+    hashes (scaled), drawn uniformly, so contents come back and counters really move (this is
+    the benchmark's trace of issue 2: 5 M updates bring about 1.3 M distinct contents). Without
+    it every content is new (never seen before in the trace, the zero page's included): the
+    worst case for a content table, whose live contents are then only what the frames hold.
+    Deterministic for a given seed."""
+    rng = np.random.default_rng(seed)
+    region = nframes * 96_000 // BENCH_FRAMES   # frames the address spaces map
+    per_space = nframes * 6000 // BENCH_FRAMES  # pages each maps
+    base = 50_000 * nframes // BENCH_FRAMES     # the first epoch's pool
+    fresh = None if repeat else _FreshContents(seed)
+    pool = rng.integers(1, 2**63, size=(updates // 4 + base, 2), dtype=np.uint64) if repeat \
+        else None
+    header = {"ram_size": nframes * 4096, "source": "synthetic",
+              "generator": {"name": "memtrace.traces.synthetic.page_updates",
+                            "updates": updates, "per_epoch": per_epoch, "seed": seed,
+                            "repeat": repeat}}
+    with TraceWriter(path, header) as w:
+        w.time(0)
+        frames = np.arange(nframes, dtype=np.uint64)
+        c = pool[rng.integers(0, base, nframes)] if pool is not None else fresh.take(nframes)
+        w.page(frames, c[:, 0], c[:, 1])
+        for mm in range(16):
+            fr = rng.choice(region, per_space, replace=False).astype(np.uint64)
+            w.map(np.full(per_space, mm + 1, np.uint64),
+                  np.arange(per_space, dtype=np.uint64) + 0x400,
+                  fr, np.full(per_space, MAP_PRESENT, np.uint64))
+        t, done = 0, 0
+        while done < updates:
+            t += 10_000_000
+            w.time(t, t // 10_000_000)
+            k = min(per_epoch, updates - done)
+            fr = rng.choice(nframes, k, replace=False).astype(np.uint64)
+            c = pool[rng.integers(0, len(pool), k)] if pool is not None else fresh.take(k)
+            w.page(fr, c[:, 0], c[:, 1])
+            done += k
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("output")
@@ -177,8 +255,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--zero-install", action="store_true")
+    ap.add_argument("--page-updates", type=int, metavar="N",
+                    help="write the replay benchmark's stress trace of N page updates instead")
+    ap.add_argument("--per-epoch", type=int, default=5000, help="with --page-updates")
+    ap.add_argument("--frames", type=int, default=BENCH_FRAMES,
+                    help="with --page-updates: guest frames (default 131072, 512 MiB)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="with --page-updates: every content new (never repeats)")
     a = ap.parse_args()
-    generate(a.output, a.instances, a.seed, a.zero_install, a.epochs)
+    if a.page_updates is not None:
+        page_updates(a.output, a.page_updates, a.per_epoch, a.frames, seed=a.seed,
+                     repeat=not a.fresh)
+    else:
+        generate(a.output, a.instances, a.seed, a.zero_install, a.epochs)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memtrace.analyses.kernels import ContentTable
+from memtrace.analyses.kernels import ContentHashes
 from memtrace.analyses.state import AddressSpace, ReplayState, Task
 
 
@@ -16,8 +16,9 @@ class FrozenState:
     """A copy of the parts of a ``ReplayState`` the attribution reads, kept for later.
 
     The default instant (the sample with the most frames mapped) is only known at the end of the
-    replay, so each new maximum is copied when it is seen. Content ids stay valid: the content
-    table only ever appends. VMA objects are replaced, never changed, by the state, so copying the
+    replay, so each new maximum is copied when it is seen. Its content ids name the contents of
+    that instant: their hashes are copied too, since the replay gives the ids of contents it
+    forgets to new ones. VMA objects are replaced, never changed, by the state, so copying the
     dicts that hold them is enough; tasks are changed in place, so they are copied.
     """
 
@@ -29,7 +30,7 @@ class FrozenState:
     spaces: dict[int, AddressSpace]
     tasks: dict[int, Task]
     zero_cid: int
-    contents: ContentTable
+    contents: ContentHashes
     mapped_frames: int = 0
 
     def mappings(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -49,4 +50,4 @@ def freeze(st: ReplayState, t: int | None = None) -> FrozenState:
     return FrozenState(st.t if t is None else t, st.page_size, st.content.copy(),
                        st.named.copy(), dict(st.file_of), spaces,
                        {pid: copy.copy(task) for pid, task in st.tasks.items()}, st.zero_cid,
-                       st.contents, st.mapped_frames)
+                       st.contents.hashes(), st.mapped_frames)

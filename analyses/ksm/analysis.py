@@ -50,6 +50,8 @@ class KsmAnalysis(Analysis):
     help = ("replay the trace through a model of Linux KSM (sysfs parameters --ksm-*): "
             "pages_sharing over time, savings against the oracle, merge latency, sweeps")
     default = False
+    # its pages, trees and per-content counts keep content ids from one sync to the next
+    holds_content_ids = True
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
