@@ -21,14 +21,16 @@ from tests.e2e.record.test_record import record, shm_files
 pytestmark = pytest.mark.e2e
 
 #: the scenarios recorded here, with the -n that exercises each: two instances of the same
-#: binaries, two private copies of them, and the boot check's bare start and stop
-HERE = {"terminal-server": 2, "zero-install": 2, "idle": 1}
+#: binaries, two private copies of them, the boot check's bare start and stop, and a
+#: fork/exec/mmap storm on one vCPU (test_smp.py runs it on four, for the events)
+HERE = {"terminal-server": 2, "zero-install": 2, "idle": 1, "storm": 1}
 
 #: scenario -> the test that records it with --verify
 VERIFIED = {
     "single": "test_record.py::single_trace",
     "server-heap": "test_record.py::test_attribution_finds_the_data_and_the_binary",
     "ksm": "test_ksm_validation.py::ksm_trace",
+    "interleave": "test_smp.py::test_two_vcpus_stores_and_events_in_order",
     **{name: f"test_scenarios_verify.py::test_scenario_verifies[{name}]" for name in HERE},
 }
 
@@ -50,6 +52,6 @@ def test_scenario_verifies(tmp_path: Path, name: str, say) -> None:
     say(f"{name} -n {HERE[name]}: {m.group(1)} frames compared, 0 differ")
     assert not shm_files(p.pid), "guest RAM left in /dev/shm"
     with open_trace(out) as tr:
-        assert tr.header["scenario"] == {"name": name, "n": HERE[name]}
+        assert tr.header["scenario"] == {"name": name, "n": HERE[name], "smp": 1}
         st = Replay(tr, progress=False).run()
     assert st.incomplete is None and not st.lost, (st.incomplete, st.lost)
