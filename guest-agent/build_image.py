@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the memtrace guest: kernel, initramfs and agent module from locked Debian packages.
 
-Usage: python3 guest-agent/build_image.py [--out build/guest] [--update | --newest]
+Usage: python3 guest-agent/build_image.py [--out CACHE/guest] [--update | --newest]
                                           [--from-trace TRACE] [--force]
 
 The package set (names, versions, sha256 of each .deb) is the committed lock
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -94,6 +95,26 @@ RELOCK = "python3 guest-agent/build_image.py --update"
 PROJECT = "memtrace"
 AGENT_SOURCES = ["memtrace_agent.c", "Kbuild", "Makefile"]
 DEFAULT_CMDLINE = "console=ttyS0 memmap=1M$0x1f000000 nokaslr"
+
+
+
+def _cache_module():  # type: ignore[no-untyped-def]
+    """memtrace.tracer.cache (the build cache's locks and staging), also when this file runs as a
+    script under a python without the package: tracer/ is this folder's sibling in a clone and
+    in an installed package alike (memtrace/guest, memtrace/tracer)."""
+    try:
+        from memtrace.tracer import cache
+        return cache
+    except ImportError:
+        spec = importlib.util.spec_from_file_location("memtrace_cache",
+                                                      HERE.parent / "tracer" / "cache.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+
+cache = _cache_module()
 
 
 def log(msg: str) -> None:
@@ -657,14 +678,45 @@ def build(out: Path, update: bool = False, force: bool = False, cc: str | None =
         lock, lock_source = read_lock(lock_path), str(lock_path)
 
     digest = input_digest(lock, cc)
+    if not force and (old := up_to_date(out, digest)) is not None:
+        log(f"up to date: {out}")
+        return old
+    # one build at a time per folder; a run that waited finds the other's build up to date
+    with cache.lock_at(out):
+        if not force and (old := up_to_date(out, digest)) is not None:
+            log(f"up to date: {out} (built by another run meanwhile)")
+            return old
+        stage = cache.staging(out)
+        try:
+            for keep in ("debs", "apt"):  # downloads and package lists: reused, hard-linked
+                if (out / keep).is_dir():
+                    shutil.copytree(out / keep, stage / keep, symlinks=True,
+                                    copy_function=os.link)
+            manifest = build_into(stage, lock, lock_source, digest, cc, from_trace)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        cache.replace(stage, out)
+    log(f"done: {out}")
+    return manifest
+
+
+def up_to_date(out: Path, digest: str) -> dict | None:
+    """The manifest of a complete build of ``digest`` in ``out``, else None."""
     manifest_f = out / "manifest.json"
     outputs = [out / "bzImage", out / "initramfs.cpio", out / "memtrace_agent.ko",
                out / "rootfs-files.json", manifest_f]
-    if not force and all(p.exists() for p in outputs):
+    if all(p.exists() for p in outputs):
         old = json.loads(manifest_f.read_text())
         if old.get("input_digest") == digest:
-            log(f"up to date: {out}")
             return old
+    return None
+
+
+def build_into(out: Path, lock: dict[str, dict[str, object]], lock_source: str,
+               digest: str, cc: str | None, from_trace: Path | None) -> dict:
+    """Build the guest in the (staging) folder ``out``; returns its manifest."""
+    apt = Apt(out / "apt")
 
     debs = fetch_debs(apt, lock, out / "debs", from_trace)
 
@@ -727,16 +779,15 @@ def build(out: Path, update: bool = False, force: bool = False, cc: str | None =
         "notes": notes,
         "input_digest": digest,
     }
-    manifest_f.write_text(json.dumps(manifest, indent=2) + "\n")
-    log(f"done: {out}")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None,
-                    help="where to build (default build/guest; build/guest-TRACE with "
-                         "--from-trace)")
+                    help="where to build (default CACHE/guest, CACHE/guest-TRACE with "
+                         "--from-trace; CACHE: $MEMTRACE_CACHE, else ~/.cache/memtrace)")
     how = ap.add_mutually_exclusive_group()
     how.add_argument("--update", action="store_true",
                      help="re-lock: resolve today's bookworm, rewrite guest-agent/"
@@ -751,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = args.out
     if out is None:
-        out = REPO / "build" / (f"guest-{args.from_trace.stem}" if args.from_trace else "guest")
+        out = cache.path(f"guest-{args.from_trace.stem}" if args.from_trace else "guest")
     try:
         manifest = build(out, update=args.update, force=args.force, cc=args.cc,
                          newest=args.newest, lock_path=args.lock, from_trace=args.from_trace)

@@ -1,6 +1,15 @@
 from __future__ import annotations
 
+import os
+
 import pytest
+
+from tests.paths import BUILD
+
+# The tests use the clone's build/ as the build cache (memtrace.tracer.cache), whatever
+# $MEMTRACE_CACHE says: CI needs no home folder, and the tests that look at built files find
+# them in build/guest, build/tracer, build/qemu10.
+os.environ["MEMTRACE_CACHE"] = str(BUILD)
 
 # -- what tests say: lines printed at the end of the run (comparisons, what was left out) -----
 _SAID: list[str] = []

@@ -1,11 +1,12 @@
 #!/bin/sh
-# Build the memtrace QEMU plugin: build/tracer/libmemtrace.so.
+# Build the memtrace QEMU plugin: CACHE/tracer/libmemtrace.so, CACHE being the user cache
+# ($MEMTRACE_CACHE, else $XDG_CACHE_HOME/memtrace, else ~/.cache/memtrace: memtrace/tracer/cache.py).
 #
 # QEMU's plugin header (include/qemu/qemu-plugin.h) is in no Debian binary package, so it is
 # taken from the Debian source package of the QEMU that is installed: a private apt
-# configuration under build/apt/ with deb-src entries for the running suite downloads the
+# configuration under CACHE/apt/ with deb-src entries for the running suite downloads the
 # source (apt-get source --download-only), only the header is extracted and cached under
-# build/qemu-header/<source version>/, and the download is deleted. Nothing under /etc is
+# CACHE/qemu-header/<source version>/, and the download is deleted. Nothing under /etc is
 # changed and no root is needed once the header is cached. Never commit the header.
 #
 # Usage: tracer/build.sh [options]
@@ -15,18 +16,18 @@
 #   --suite SUITE       Debian suite whose deb-src entries to use (default: this system's,
 #                       VERSION_CODENAME of /etc/os-release), e.g. trixie for QEMU 10.0
 #   --header FILE       use this qemu-plugin.h instead of fetching one
-#   --out DIR           output directory (default build/tracer)
+#   --out DIR           output directory (default CACHE/tracer)
 #   --cc CC             compiler (default: $CC or cc)
 # Environment: MEMTRACE_DEBIAN_MIRROR (default http://deb.debian.org/debian),
 #   MEMTRACE_DEBIAN_SECURITY (default http://deb.debian.org/debian-security).
 #
 # Example, check that the plugin builds against Debian 13's QEMU 10.0 (plugin API 4):
-#   tracer/build.sh --suite trixie --qemu-version 1:10.0.13+ds-0+deb13u1 --out build/tracer-qemu10
+#   tracer/build.sh --suite trixie --qemu-version 1:10.0.13+ds-0+deb13u1 --out /tmp/tracer-qemu10
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/.." && pwd)
-build="$root/build"
+# downloads (header, apt state) live in the user cache of memtrace.tracer.cache
+build="${MEMTRACE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/memtrace}"
 version=""
 suite=""
 header=""
@@ -42,7 +43,7 @@ while [ $# -gt 0 ]; do
         --header) header="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --cc) cc="$2"; shift 2 ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done

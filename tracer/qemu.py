@@ -20,14 +20,24 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
+from memtrace.tracer import cache
 from memtrace.traces import private
 
-ROOT = Path(__file__).resolve().parent.parent
-BUILD = ROOT / "build"
-PLUGIN = BUILD / "tracer" / "libmemtrace.so"
-GUEST = BUILD / "guest"
+# the tracer's own files (C sources, build.sh, locks), found through the package, not the
+# current folder: tracer/ in a clone, site-packages/memtrace/tracer/ when installed
+TRACER = Path(__file__).resolve().parent
 MAILBOX_PHYS = 0x1F000000
 MAILBOX_SIZE = 1 << 20
+
+
+def plugin_path() -> Path:
+    """The plugin build for the host's QEMU, in the cache (item ``tracer``)."""
+    return cache.path("tracer") / "libmemtrace.so"
+
+
+def guest_dir() -> Path:
+    """The guest image, in the cache (item ``guest``)."""
+    return cache.path("guest")
 
 
 class SetupError(Exception):
@@ -68,7 +78,7 @@ class GuestRun:
     workdir: Path = field(default_factory=lambda: Path("/tmp"))
     smp: int = 1
     qemu: list[str] | None = None  # the binary and its leading arguments (-L); None: the system's
-    plugin: Path = PLUGIN
+    plugin: Path = field(default_factory=lambda: plugin_path())
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     ram_created: bool = field(default=False, init=False)  # the RAM file is ours to remove
 

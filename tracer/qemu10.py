@@ -1,11 +1,11 @@
-"""QEMU 10 on a Debian 12 host: the locked bookworm-backports packages, unpacked under build/.
+"""QEMU 10 on a Debian 12 host: the locked bookworm-backports packages, unpacked in the cache.
 
 Debian 12 ships QEMU 7.2 (plugin API 1), Debian 13 QEMU 10.0 (plugin API 4). To run and test the
 tracer on both from one Debian 12 machine without replacing the system's QEMU, the three
 packages of bookworm-backports' QEMU 10.0 that a TCG run needs (`qemu-system-x86`: the binary,
 `qemu-system-common`, `qemu-system-data`: firmware, option ROMs, keymaps) are extracted with
-``dpkg-deb -x`` into ``build/qemu10/<version>/`` and run from there with
-``-L build/qemu10/<version>/usr/share/qemu``. The binary was built against bookworm's libraries,
+``dpkg-deb -x`` into ``CACHE/qemu10/<version>/`` (memtrace.tracer.cache) and run from there with
+``-L CACHE/qemu10/<version>/usr/share/qemu``. The binary was built against bookworm's libraries,
 which the system's QEMU 7.2 already pulled in. Debian 13 hosts run their own
 ``qemu-system-x86_64`` instead (``host_qemu10()``).
 
@@ -31,14 +31,19 @@ from pathlib import Path
 
 from memtrace.guest.build_image import KEYRING, MIRROR, Apt, BuildError, deb_path, lock_entry
 from memtrace.guest.build_image import sha256_file as _sha256_file
-from memtrace.tracer.qemu import BUILD, ROOT, SetupError
+from memtrace.tracer import cache
+from memtrace.tracer.qemu import TRACER, SetupError
 
 SUITE = "bookworm-backports"
 ARCH = "amd64"
 PACKAGES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data")
-LOCK = ROOT / "tracer" / "qemu10.lock.json"
+LOCK = TRACER / "qemu10.lock.json"
 RELOCK = "python3 -m memtrace.tracer.qemu10 --update"
-HOME = BUILD / "qemu10"
+
+
+def home() -> Path:
+    """The cache item ``qemu10``: debs/, apt/ and one unpacked folder per locked version."""
+    return cache.path("qemu10")
 
 
 class BackportsApt(Apt):
@@ -74,7 +79,8 @@ def read_lock(path: Path = LOCK) -> dict[str, dict[str, object]]:
 
 def write_lock(pkgs: dict[str, dict[str, object]], path: Path = LOCK) -> None:
     doc = {
-        "comment": "QEMU 10 for Debian 12 hosts, unpacked under build/qemu10 (tracer/qemu10.py). "
+        "comment": "QEMU 10 for Debian 12 hosts, unpacked in the memtrace cache "
+                   "(tracer/qemu10.py). "
                    f"Re-lock with `{RELOCK}`: a deliberate, reviewed commit.",
         "suite": SUITE,
         "arch": ARCH,
@@ -86,8 +92,8 @@ def write_lock(pkgs: dict[str, dict[str, object]], path: Path = LOCK) -> None:
 
 
 def version_dir(version: str) -> Path:
-    """build/qemu10/<Debian version, made a folder name>."""
-    return HOME / re.sub(r"[^A-Za-z0-9.+-]", "_", version)
+    """CACHE/qemu10/<Debian version, made a folder name>."""
+    return home() / re.sub(r"[^A-Za-z0-9.+-]", "_", version)
 
 
 def _lock_digest(lock: dict[str, dict[str, object]]) -> str:
@@ -100,7 +106,7 @@ def _check_served(apt: BackportsApt, lock: dict[str, dict[str, object]]) -> None
         want = str(e["version"])
         if want not in served:
             now = ", ".join(served) if served else "nothing"
-            raise SetupError(f"{name} {want} is locked in {LOCK.relative_to(ROOT)} but {SUITE} "
+            raise SetupError(f"{name} {want} is locked in tracer/{LOCK.name} but {SUITE} "
                              f"no longer serves it (it serves {now}); re-lock with {RELOCK} "
                              "(then commit the lock)")
         if served[want] != e["sha256"]:
@@ -109,9 +115,9 @@ def _check_served(apt: BackportsApt, lock: dict[str, dict[str, object]]) -> None
 
 
 def _fetch(lock: dict[str, dict[str, object]]) -> dict[str, Path]:
-    """The locked .deb files: from build/qemu10/debs when their sha256 matches (no network),
+    """The locked .deb files: from the cache's qemu10/debs when their sha256 matches (no network),
     else downloaded after checking that bookworm-backports still serves each version."""
-    debdir = HOME / "debs"
+    debdir = home() / "debs"
     debs: dict[str, Path] = {}
     for name, e in lock.items():
         cached = deb_path(debdir, name, str(e["version"]))
@@ -120,7 +126,7 @@ def _fetch(lock: dict[str, dict[str, object]]) -> dict[str, Path]:
     need = {n: e for n, e in lock.items() if n not in debs}
     if not need:
         return debs
-    apt = BackportsApt(HOME / "apt")
+    apt = BackportsApt(home() / "apt")
     try:
         if not apt.has_lists():
             apt.update()
@@ -149,33 +155,45 @@ def _fetch(lock: dict[str, dict[str, object]]) -> dict[str, Path]:
 
 
 def ensure(lock_path: Path = LOCK) -> tuple[Path, Path]:
-    """The locked QEMU 10, unpacked under build/qemu10 (done once): (binary, -L data folder)."""
+    """The locked QEMU 10, unpacked in the cache (done once, under the item's lock, into a
+    staging folder renamed into place): (binary, -L data folder)."""
     lock = read_lock(lock_path)
     version = str(lock["qemu-system-x86"]["version"])
     root = version_dir(version)
     binary = root / "usr/bin/qemu-system-x86_64"
     datadir = root / "usr/share/qemu"
-    stamp = root / ".unpacked"
-    if stamp.exists() and stamp.read_text().strip() == _lock_digest(lock) and binary.exists():
+
+    def ready() -> bool:
+        stamp = root / ".unpacked"
+        return (stamp.exists() and stamp.read_text().strip() == _lock_digest(lock)
+                and binary.exists())
+
+    if ready():
         return binary, datadir
-    debs = _fetch(lock)
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    for name in PACKAGES:
-        r = subprocess.run(["dpkg-deb", "-x", str(debs[name]), str(root)], capture_output=True,
-                           text=True)
-        if r.returncode != 0:
-            raise SetupError(f"dpkg-deb -x {debs[name].name} failed: "
-                             f"{(r.stderr.strip().splitlines() or ['no message'])[-1]}")
-    if not binary.exists():
-        raise SetupError(f"{debs['qemu-system-x86'].name} holds no usr/bin/qemu-system-x86_64")
-    stamp.write_text(_lock_digest(lock) + "\n")
+    with cache.lock("qemu10"):
+        if ready():  # another run unpacked it while we waited
+            return binary, datadir
+        debs = _fetch(lock)
+        tmp = cache.staging(root)
+        for name in PACKAGES:
+            r = subprocess.run(["dpkg-deb", "-x", str(debs[name]), str(tmp)],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise SetupError(f"dpkg-deb -x {debs[name].name} failed: "
+                                 f"{(r.stderr.strip().splitlines() or ['no message'])[-1]}")
+        if not (tmp / "usr/bin/qemu-system-x86_64").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SetupError(f"{debs['qemu-system-x86'].name} holds no "
+                             "usr/bin/qemu-system-x86_64")
+        (tmp / ".unpacked").write_text(_lock_digest(lock) + "\n")
+        cache.replace(tmp, root)
     return binary, datadir
 
 
 def relock(lock_path: Path = LOCK) -> list[str]:
     """Rewrite the lock with the versions bookworm-backports serves today; the changes."""
-    apt = BackportsApt(HOME / "apt")
+    apt = BackportsApt(home() / "apt")
     apt.update()
     try:
         new = {n: lock_entry(apt.show(n)) for n in PACKAGES}

@@ -2,12 +2,13 @@
 
 A plugin is built against one QEMU's ``qemu-plugin.h`` and loads only into a QEMU that accepts
 its plugin API version (QEMU 7.2: API 1 only; QEMU 10.0: API 2 to 4). So each binary gets its
-own build (``Qemu.plugin``): the system's ``qemu-system-x86_64`` in ``build/tracer/``, any other
-in ``build/tracer-qemu-<version>/``, each with a ``build.json`` saying which QEMU source and
-plugin API it was built for and a digest of the tracer's C sources (a stale build is rebuilt).
+own build (``Qemu.plugin``) in the cache (memtrace.tracer.cache): the system's
+``qemu-system-x86_64`` in ``CACHE/tracer/``, any other in ``CACHE/tracer-qemu-<version>/``, each
+with a ``build.json`` saying which QEMU source and plugin API it was built for and a digest of
+the tracer's C sources (a stale build is rebuilt).
 
     system   the host's qemu-system-x86_64 (Debian 12: 7.2, Debian 13: 10.0)
-    10       QEMU 10: the host's own on Debian 13, else bookworm-backports' unpacked under build/
+    10       QEMU 10: the host's own on Debian 13, else bookworm-backports' unpacked in the cache
              (tracer/qemu10.py, locked in tracer/qemu10.lock.json)
     PATH     any qemu-system-x86_64 (its plugin is built from its Debian source package, or
              given with trace-record --plugin)
@@ -29,9 +30,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from memtrace.tracer.qemu import BUILD, PLUGIN, ROOT, SetupError
+from memtrace.tracer import cache
+from memtrace.tracer.qemu import TRACER, SetupError, plugin_path
 
-TRACER = ROOT / "tracer"
 BUILD_SH = TRACER / "build.sh"
 # the header of Debian 13's QEMU 10.0 (bookworm-backports' source package lacks its Debian
 # part on the mirrors; the plugin header is the same in every 10.0.x)
@@ -54,7 +55,7 @@ class Qemu:
     version: str                    # upstream, e.g. "10.0.2"
     debian: str | None = None       # its Debian package version, e.g. "1:7.2+dfsg-7+deb12u18+b3"
     datadir: Path | None = None     # -L: firmware of an unpacked QEMU
-    system: bool = False            # the host's own (its plugin in build/tracer)
+    system: bool = False            # the host's own (its plugin in CACHE/tracer)
     header: tuple[str, str] | None = None  # (suite, source version) of qemu-plugin.h
 
     @property
@@ -65,8 +66,8 @@ class Qemu:
     @property
     def plugin(self) -> Path:
         if self.system:
-            return PLUGIN
-        return BUILD / f"tracer-qemu-{self.version}" / "libmemtrace.so"
+            return plugin_path()
+        return cache.path(f"tracer-qemu-{self.version}") / "libmemtrace.so"
 
     def args(self) -> list[str]:
         """Command-line arguments before the machine's (-L for an unpacked QEMU)."""
@@ -109,7 +110,7 @@ def system_qemu() -> Qemu:
 
 
 def qemu10() -> Qemu:
-    """QEMU 10: the host's own (Debian 13), else the locked one unpacked under build/qemu10."""
+    """QEMU 10: the host's own (Debian 13), else the locked one unpacked in the cache."""
     sys_q = system_qemu()
     if int(sys_q.version.split(".")[0]) >= 10:
         return sys_q
@@ -133,7 +134,7 @@ def resolve(spec: str | None) -> Qemu:
         return system_qemu()
     from memtrace.tracer import qemu10 as locked
 
-    if locked.HOME in path.resolve().parents:
+    if locked.home() in path.resolve().parents:
         q = qemu10()
         if q.path.resolve() == path.resolve():
             return q
@@ -149,7 +150,10 @@ def build_info(plugin: Path) -> dict[str, object] | None:
 
 
 def _build(q: Qemu) -> None:
-    args = ["bash", str(BUILD_SH)]
+    """build.sh into a staging folder, renamed into place (the caller holds the item's lock)."""
+    dest = q.plugin.parent
+    tmp = cache.staging(dest)
+    args = ["bash", str(BUILD_SH), "--out", str(tmp)]
     if q.header:
         args += ["--suite", q.header[0], "--qemu-version", q.header[1]]
     elif not q.system:
@@ -159,21 +163,28 @@ def _build(q: Qemu) -> None:
                              "tracer/build.sh --header .../qemu-plugin.h --out DIR and pass "
                              "--plugin DIR/libmemtrace.so")
         args += ["--qemu-version", re.sub(r"\+b\d+$", "", q.debian)]  # binNMU: same source
-    if not q.system:
-        args += ["--out", str(q.plugin.parent)]
-    print(f"trace-record: building the tracer plugin for {q.describe()}", flush=True,
-          file=sys.stderr)
-    r = subprocess.run(args, timeout=3600)
-    if r.returncode != 0 or not q.plugin.exists():
+    print(f"trace-record: building the tracer plugin for {q.describe()} (cache {dest})",
+          flush=True, file=sys.stderr)
+    r = subprocess.run(args, timeout=3600, env={**os.environ, cache.ENV: str(cache.root())})
+    if r.returncode != 0 or not (tmp / q.plugin.name).exists():
+        shutil.rmtree(tmp, ignore_errors=True)
         raise SetupError(f"building the tracer plugin for {q.describe()} failed (see above); "
-                         f"rerun {' '.join(args[1:])}")
+                         f"rerun {' '.join(args[1:2] + args[4:])} --out {dest}")
+    cache.replace(tmp, dest)
 
 
 def ensure_plugin(q: Qemu) -> Path:
-    """The plugin build for ``q``, built when missing or older than the tracer's sources."""
-    info = build_info(q.plugin)
-    if not q.plugin.exists() or info is None or info.get("sources") != source_digest():
-        _build(q)
+    """The plugin build for ``q``, built when missing or older than the tracer's sources
+    (under the cache item's lock: two runs starting at once build it once)."""
+
+    def fresh() -> bool:
+        info = build_info(q.plugin)
+        return q.plugin.exists() and info is not None and info.get("sources") == source_digest()
+
+    if not fresh():
+        with cache.lock(q.plugin.parent.name):
+            if not fresh():
+                _build(q)
     return q.plugin
 
 

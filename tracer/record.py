@@ -23,15 +23,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from memtrace.tracer import qemus
+from memtrace.tracer import cache, qemus
 from memtrace.tracer.qemu import (
-    GUEST,
     MAILBOX_PHYS,
     MAILBOX_SIZE,
-    ROOT,
     GuestRun,
     QemuProcess,
     SetupError,
+    guest_dir,
     parse_size,
 )
 from memtrace.traces.reader import TraceError, follow
@@ -46,22 +45,25 @@ VERSION = "0.1.0"
 def guest_image(build: bool = True) -> dict[str, Any]:
     """The guest image's manifest (kernel, initramfs, identity), building it if missing or if
     its inputs (agent sources, init, scenarios) changed: build_image.py checks that in a few ms."""
-    manifest = GUEST / "manifest.json"
+    guest = guest_dir()
+    manifest = guest / "manifest.json"
     if build:
         if not manifest.exists():
-            print("trace-record: building the guest image (cached in build/guest)",
+            print(f"trace-record: building the guest image (cached in {guest})",
                   file=sys.stderr)
-        r = subprocess.run([sys.executable, str(ROOT / "guest-agent" / "build_image.py"),
-                            "--out", str(GUEST)], stdout=subprocess.DEVNULL,
+        # the builder of the installed package (python -m), locking the cache item itself
+        r = subprocess.run([sys.executable, "-m", "memtrace.guest.build_image",
+                            "--out", str(guest)], stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True, timeout=3600)
         if r.returncode != 0:
             sys.stderr.write(r.stderr)
             said = [ln for ln in r.stderr.splitlines() if ln.startswith("build_image: error:")]
             raise SetupError("building the guest image failed: " + (
                 said[-1].removeprefix("build_image: error: ") if said else
-                "see above; rerun python3 guest-agent/build_image.py"))
+                f"see above; rerun {sys.executable} -m memtrace.guest.build_image --out {guest}"))
     if not manifest.exists():
-        raise SetupError(f"no guest image in {GUEST}: run python3 guest-agent/build_image.py")
+        raise SetupError(f"no guest image in {guest}: run {sys.executable} -m "
+                         f"memtrace.guest.build_image --out {guest}")
     return json.loads(manifest.read_text())
 
 
@@ -133,13 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--epoch", type=parse_epoch, default=10_000_000,
                     help="epoch length in guest instructions (default 10M)")
     ap.add_argument("--ram", default="512M", help="guest RAM (default 512M, at most 2G)")
+    ap.add_argument("--cache", metavar="DIR",
+                    help="where built things live: guest image, plugin builds, QEMU 10 (default "
+                         "$MEMTRACE_CACHE, else $XDG_CACHE_HOME/memtrace, ~/.cache/memtrace; "
+                         "trace-cache shows and cleans it)")
     ap.add_argument("--smp", type=positive_int, default=1, metavar="N",
                     help="guest vCPUs (default 1; multi-threaded TCG, one host thread each; "
                          "the plugin takes up to 64)")
     ap.add_argument("--qemu", default="system", metavar="PATH|system|10",
                     help="the QEMU to run: the host's qemu-system-x86_64 (default), 10 (QEMU "
                          "10: the host's on Debian 13, else the locked bookworm-backports one, "
-                         "unpacked under build/qemu10 on first use), or a path")
+                         "unpacked in the cache on first use), or a path")
     ap.add_argument("--plugin", metavar="SO",
                     help="tracer plugin to load (default: the build for that QEMU, built "
                          "when missing)")
@@ -204,8 +210,8 @@ class Recorder:
         with tempfile.TemporaryDirectory(prefix="trace-record-") as tmp:
             work = Path(tmp)
             files = manifest.get("files", {})
-            run = GuestRun(kernel=GUEST / files.get("bzImage", {}).get("path", "bzImage"),
-                           initrd=GUEST / files.get("initramfs", {}).get("path",
+            run = GuestRun(kernel=guest_dir() / files.get("bzImage", {}).get("path", "bzImage"),
+                           initrd=guest_dir() / files.get("initramfs", {}).get("path",
                                                                         "initramfs.cpio"),
                            append=kernel_cmdline(a.scenario, a.n, a.append + (
                                " memtrace.agent=0" if not agent else
@@ -351,6 +357,8 @@ def verification_status(out: Path, image: Path, mode: str,
 
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
+    if a.cache:
+        cache.set_root(a.cache)
     try:
         code = asyncio.run(Recorder(a).run())
     except (SetupError, TraceError, ValueError) as e:

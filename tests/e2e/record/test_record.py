@@ -140,10 +140,10 @@ def test_timeout_keeps_partial_trace(tmp_path):
 
 
 def test_bad_plugin_argument_is_refused(tmp_path):
-    from memtrace.tracer.qemu import PLUGIN
+    from memtrace.tracer.qemu import plugin_path
 
     p = subprocess.run(["qemu-system-x86_64", "-accel", "tcg", "-display", "none",
-                        "-nodefaults", "-plugin", f"{PLUGIN},mode=bogus", "-S"],
+                        "-nodefaults", "-plugin", f"{plugin_path()},mode=bogus", "-S"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
     assert "mode" in p.stderr and "Segmentation" not in p.stderr
