@@ -111,8 +111,9 @@ class AttributionAnalysis(Analysis):
                           default=False,
                           help="average the attribution over samples every --interval")
         g.add_argument("--guest-root", metavar="DIR", default=None,
-                       help="the unpacked guest image (e.g. build/guest/rootfs): guest files "
-                            "are opened there for ELF sections and by-content names")
+                       help="the unpacked guest image (CACHE/guest/rootfs; trace-cache prints "
+                            "CACHE): guest files are opened there for ELF sections and "
+                            "by-content names")
         g.add_argument("--guest-path-map", metavar="GUEST=HOST", action="append", default=[],
                        help="rewrite guest paths before looking them up under --guest-root; "
                             "* matches one component (e.g. /zi/*/lib=/usr/lib); repeatable")
