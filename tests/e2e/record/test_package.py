@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,11 +36,13 @@ def test_wheel_installed_outside_the_clone_records_and_verifies(tmp_path: Path, 
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     dist = tmp_path / "dist"
+    t0 = time.monotonic()
     b = run([sys.executable, "-m", "build", "--outdir", dist, REPO], tmp_path, env, 900)
     assert b.returncode == 0, b.stdout[-2000:] + b.stderr[-2000:]
     wheels, sdists = list(dist.glob("memtrace-*.whl")), list(dist.glob("memtrace-*.tar.gz"))
     assert len(wheels) == 1 and len(sdists) == 1, list(dist.iterdir())
 
+    t_build = time.monotonic() - t0
     venv = tmp_path / "venv"
     v = run([sys.executable, "-m", "venv", "--without-pip", venv], tmp_path, env, 300)
     assert v.returncode == 0, v.stderr
@@ -47,6 +50,7 @@ def test_wheel_installed_outside_the_clone_records_and_verifies(tmp_path: Path, 
     p = run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q",
              wheels[0]], tmp_path, env, 900)
     assert p.returncode == 0, p.stderr[-3000:]
+    t_install = time.monotonic() - t0 - t_build
 
     work = tmp_path / "elsewhere"
     work.mkdir()
@@ -63,8 +67,10 @@ def test_wheel_installed_outside_the_clone_records_and_verifies(tmp_path: Path, 
     shutil.copytree(BUILD / "qemu-header", cache / "qemu-header")
     env["MEMTRACE_CACHE"] = str(cache)
 
+    t1 = time.monotonic()
     rec = run([venv / "bin" / "trace-record", "--scenario", "single", "-n", "1", "--verify",
                "-o", "single.mtr"], work, env, 3000)
+    t_record = time.monotonic() - t1
     assert rec.returncode == 0, rec.stderr[-3000:]
     assert "building the guest image" in rec.stderr and "building the tracer plugin" in rec.stderr
     assert "0 differ" in rec.stderr, rec.stderr[-2000:]
@@ -80,5 +86,6 @@ def test_wheel_installed_outside_the_clone_records_and_verifies(tmp_path: Path, 
     assert shown.returncode == 0 and f"cache: {cache}" in shown.stdout
     assert " guest\n" in shown.stdout and " tracer\n" in shown.stdout
     say(f"wheel {wheels[0].stat().st_size >> 10} KiB, sdist {sdists[0].stat().st_size >> 10} "
-        "KiB; installed, built guest and plugin in a fresh cache, recorded single n=1 with "
-        "0 differing frames")
+        f"KiB; python -m build {t_build:.0f} s, venv + pip install {t_install:.0f} s; "
+        f"guest and plugin built in a fresh cache and single n=1 recorded with 0 differing "
+        f"frames in {t_record:.0f} s")
