@@ -65,11 +65,11 @@ def test_wheel_installed_outside_the_clone_records_and_verifies(tmp_path: Path, 
     (cache / "guest").mkdir(parents=True)
     shutil.copytree(BUILD / "guest" / "debs", cache / "guest" / "debs", copy_function=os.link)
     shutil.copytree(BUILD / "qemu-header", cache / "qemu-header")
-    env["MEMTRACE_CACHE"] = str(cache)
 
     t1 = time.monotonic()
-    rec = run([venv / "bin" / "trace-record", "--scenario", "single", "-n", "1", "--verify",
-               "-o", "single.mtr"], work, env, 3000)
+    # --cache wins over $MEMTRACE_CACHE (the tests' build/, where all is built already)
+    rec = run([venv / "bin" / "trace-record", "--cache", cache, "--scenario", "single", "-n", "1",
+               "--verify", "-o", "single.mtr"], work, env, 3000)
     t_record = time.monotonic() - t1
     assert rec.returncode == 0, rec.stderr[-3000:]
     assert "building the guest image" in rec.stderr and "building the tracer plugin" in rec.stderr
@@ -82,6 +82,7 @@ def test_wheel_installed_outside_the_clone_records_and_verifies(tmp_path: Path, 
     assert an.returncode == 0, an.stderr[-2000:]
     assert "oracle" in an.stdout.lower()
 
+    env["MEMTRACE_CACHE"] = str(cache)
     shown = run([venv / "bin" / "trace-cache"], work, env, 120)
     assert shown.returncode == 0 and f"cache: {cache}" in shown.stdout
     assert " guest\n" in shown.stdout and " tracer\n" in shown.stdout
