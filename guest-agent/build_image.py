@@ -39,6 +39,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import types
 from pathlib import Path
 
 SUITE = "bookworm"
@@ -97,8 +98,7 @@ AGENT_SOURCES = ["memtrace_agent.c", "Kbuild", "Makefile"]
 DEFAULT_CMDLINE = "console=ttyS0 memmap=1M$0x1f000000 nokaslr"
 
 
-
-def _cache_module():  # type: ignore[no-untyped-def]
+def _cache_module() -> types.ModuleType:
     """memtrace.tracer.cache (the build cache's locks and staging), also when this file runs as a
     script under a python without the package: tracer/ is this folder's sibling in a clone and
     in an installed package alike (memtrace/guest, memtrace/tracer)."""
