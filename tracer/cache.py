@@ -136,7 +136,8 @@ def clean(names: list[str] | None = None) -> list[str]:
         item = name.split(".new-")[0].split(".old-")[0].lstrip(".")
         if names and item not in names:
             continue
-        with lock(item):
-            shutil.rmtree(root() / name)
-        removed.append(name)
+        with lock(item):  # waits for a build of it to finish (its staging folder goes too)
+            if (root() / name).exists():
+                shutil.rmtree(root() / name)
+                removed.append(name)
     return removed
