@@ -36,5 +36,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # setuptools says on every editable install that a folder named like a package could shadow
 # it; ours are mapped (memtrace.* -> traces/, analyses/, ...), so that note is noise here
-PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install -q -e '.[test,plot]'
+PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install -q -e '.[test,plot,study]'
 echo "setup: done (.venv ready)"
