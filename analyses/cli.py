@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from memtrace.analyses import many
 from memtrace.analyses.base import Analysis, Interval, Result, UsageError
 from memtrace.analyses.engine import Replay
 from memtrace.analyses.registry import ANALYSES
@@ -30,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="trace-analyze", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("trace", nargs="?", default=None,
-                    help=f"trace file (default: the shipped sample, {DEFAULT_TRACE.name})")
+    ap.add_argument("trace", nargs="*", default=[],
+                    help=f"trace file (default: the shipped sample, {DEFAULT_TRACE.name}); "
+                         "several (or a quoted glob): analyzed in parallel, one combined table")
     g = ap.add_argument_group("analyses (default: " + ", ".join(
         c.flag for c in ANALYSES if c.default) + ")")
     for cls in ANALYSES:
@@ -40,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sampling interval: clock units (suffix k/M/G, e.g. 10M) or seconds "
                          "(e.g. 2.5s); default: 1/100 of the trace for --sharing, 1/20 for "
                          "--snapshot-vs-continuous")
-    ap.add_argument("--format", choices=("text", "csv", "json"), default="text")
+    ap.add_argument("--format", choices=("text", "csv", "json", "parquet"), default="text",
+                    help="parquet: a dataset in the folder -o DIR (analyses/many.py)")
     ap.add_argument("--table", metavar="NAME",
                     help="with --format csv: print only this table, e.g. sharing.series")
     ap.add_argument("--plot", metavar="FILE.png",
@@ -58,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="show the progress bar even when stderr is not a terminal (logs)")
     for cls in ANALYSES:
         cls.add_arguments(ap)
+    many.add_arguments(ap)
     return ap
 
 
@@ -67,8 +71,14 @@ def fail(msg: str, code: int = 1) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    path = a.trace or str(DEFAULT_TRACE)
+    a = build_parser().parse_intermixed_args(argv)
+    a.trace = a.trace or [str(DEFAULT_TRACE)]
+    if many.wanted(a):
+        try:
+            return many.run_many(a, sys.argv[1:] if argv is None else argv)
+        except UsageError as e:
+            return fail(str(e), 2)
+    path = a.trace[0]
     if a.add_checkpoints is not None:
         from memtrace.analyses.checkpoints import add_checkpoints
 
