@@ -137,6 +137,11 @@ def run(argv: list[str] | None = None) -> int:
     except (ClusterError, StudyFailure) as e:
         print(f"trace-study: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk, a folder that cannot be written
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"trace-study: error: {e.strerror or e}{where}; every finished run is kept in "
+              f"{out / 'runs'} and is not run again", file=sys.stderr)
+        return 1
     finally:
         with contextlib.suppress(Exception):
             if client is not None:

@@ -141,8 +141,12 @@ def write(folder: str | Path, tables: dict[str, Any]) -> list[Path]:
         path = folder / f"{name}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
-        os.replace(tmp, path)
+        try:
+            pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         written.append(path)
     for old in folder.rglob("*.parquet"):  # tables of an earlier run that this one lacks
         if old not in written:

@@ -81,6 +81,8 @@ class RunSpec:
     argv: list[str]
     #: the parameters as the tool resolved them, defaults included (what the run key hashes)
     canonical: dict[str, Any]
+    #: the parameters the workload sweeps (a list in the study file)
+    swept: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -89,7 +91,7 @@ class RunSpec:
     def label(self) -> str:
         """A readable name: workload, parameters that vary, repeat."""
         bits = [self.workload] + [f"{k}{v}" if k == "n" else f"{k}={v}"
-                                  for k, v in self.params.items()]
+                                  for k, v in self.params.items() if k in self.swept]
         return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", "-".join(bits) + f"-r{self.repeat}")
 
 
@@ -116,7 +118,9 @@ class Study:
             for combo in itertools.product(*values):
                 params = dict(zip(keys, combo, strict=True))
                 for r in range(w.repeats):
-                    out.append(expand_run(self, w, params, r))
+                    spec = expand_run(self, w, params, r)
+                    spec.swept = tuple(k for k, v in w.params.items() if isinstance(v, list))
+                    out.append(spec)
         return out
 
 
@@ -148,21 +152,28 @@ class Lines:
         self.lines = lines
 
     def find(self, section: tuple[Any, ...], key: str | None = None) -> int:
-        """The line of ``key`` in ``section`` (or in one of its subsections; an inline table
-        counts), else the section's header line, else 1."""
+        """The line of ``key`` in ``section``: its own table's header, a ``key =`` line in
+        the section or its subsections (an inline table counts), else the same in the
+        enclosing section; else the section's header line, else 1."""
+        if key:
+            for path, first, _ in self.sections:
+                if path[:len(section) + 1] == (*section, key):
+                    return first
         pat = re.compile(rf"(^|[{{,\s]){re.escape(key)}\s*=") if key else None
-        best = None
+        header = None
         for path, first, last in self.sections:
             if path[:len(section)] != section:
                 continue
-            if best is None:
-                best = first
+            if header is None:
+                header = first
             if pat is None:
                 return first
-            for i in range(first, last + 1):
+            for i in range(max(first, 1), last + 1):
                 if pat.search(self.lines[i - 1]):
                     return i
-        return best or 1
+        if header is None and section:
+            return self.find(section[:-1], key)
+        return header or 1
 
 
 # -- checked against the tools' own parsers ------------------------------------------------------
@@ -260,7 +271,7 @@ def parse(text: str, path: str | Path = "<study>", repeats: int | None = None) -
     for k in head:
         if k not in ("name", "repeats", "traces"):
             err(("study",), k, "unknown key (name, repeats, traces)", f"study.{k}")
-    name = head.get("name", Path(str(path)).stem)
+    name = head.get("name", re.sub(r"[^A-Za-z0-9_.-]+", "", Path(str(path)).stem) or "study")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         err(("study",), "name", "a name of letters, digits, '.', '_' and '-'", "study.name")
     rep = head.get("repeats", 1)
