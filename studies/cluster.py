@@ -60,7 +60,7 @@ def local_cluster(sizing: Sizing) -> Any:
 
     return LocalCluster(n_workers=sizing.workers, threads_per_worker=1, processes=True,
                         memory_limit=sizing.memory_limit, dashboard_address="127.0.0.1:0",
-                        host="127.0.0.1", silence_logs=logging.ERROR)
+                        host="127.0.0.1", silence_logs=logging.CRITICAL)
 
 
 def connect(address: str, timeout: float = 10.0) -> Any:
