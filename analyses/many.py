@@ -40,8 +40,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def wanted(a: argparse.Namespace) -> bool:
-    """Whether the arguments ask for this module: several traces, a pattern, or parquet."""
-    return len(a.trace) > 1 or a.format == "parquet" or any(
+    """Whether the arguments ask for this module: several traces, a pattern, parquet, or a
+    cluster."""
+    return len(a.trace) > 1 or a.format == "parquet" or bool(a.scheduler) or any(
         glob.has_magic(t) and not Path(t).exists() for t in a.trace)
 
 

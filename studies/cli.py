@@ -167,7 +167,7 @@ def conclude(runner: StudyRunner, study: Study, out: Path) -> int:
     failed = [r for r in runs if r.status == "failed"]
     if files:
         say(f"dataset: {out / 'results'} ({len(files)} Parquet files)")
-    if study.name.startswith("thesis") and done:
+    if study.builtin == "thesis" and done:
         from memtrace.studies.report import write_thesis_report
 
         try:

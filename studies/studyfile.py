@@ -108,6 +108,8 @@ class Study:
     analyses: list[str]
     traces: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: a built-in study's name ("thesis"): its report is written at the end
+    builtin: str = ""
 
     def runs(self) -> list[RunSpec]:
         """Every run of the study, in the file's order, repeats of a configuration together."""

@@ -76,6 +76,7 @@ def thesis_study(quick: bool = False, repeats: int | None = None) -> Study:
     lines += ["[analyses.sharing]", "[analyses.oracle]", "[analyses.snapshot_vs_continuous]",
               "[analyses.ksm]", 'scope = "anon"', ""]
     study = parse("\n".join(lines), "<built-in thesis study>")
+    study.builtin = "thesis"
     for w in study.workloads:
         if w.scenario != WANTED[w.name][0]:
             study.notes.append(STAND_INS[w.name])
