@@ -76,7 +76,7 @@ def guest_needs(study: Study) -> tuple[int, int]:
 
     ram, copies = 512 << 20, 1
     for s in study.runs():
-        if s.scenario:
+        if s.kind == "record":
             ram = max(ram, parse_size(str(s.canonical.get("ram", "512M"))))
             if s.canonical.get("verify"):
                 copies = 2
@@ -111,7 +111,7 @@ def run(argv: list[str] | None = None) -> int:
     out = Path(a.out or f"out/studies/{study.name}")
     if a.dry_run:
         for s in study.runs():
-            print(f"{s.label()}: {'trace-record' if s.scenario else 'command'} "
+            print(f"{s.label()}: {'trace-record' if s.kind == 'record' else 'command'} "
                   f"{' '.join(s.argv)}")
         print(f"analyses: trace-analyze {' '.join(study.analyze_argv) or '(defaults)'}")
         return 0

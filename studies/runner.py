@@ -61,7 +61,7 @@ class Run:
     def row(self) -> dict[str, Any]:
         """The run's columns in the dataset (before its summaries)."""
         spec = self.spec
-        params = (dict(spec.canonical) if spec.scenario else dict(spec.params))
+        params = dict(spec.canonical) if spec.kind == "record" else dict(spec.params)
         params.pop("command", None)
         params.pop("params", None)
         rec = self.record or {}
@@ -89,7 +89,7 @@ class StudyRunner:
     def prepare(self) -> None:
         """Build the guest and the plugin on every worker (once per host) and check that all
         workers have the same ones: a run's key names them."""
-        if not any(s.scenario for s in self.study.runs()):
+        if not any(s.kind == "record" for s in self.study.runs()):
             return
         say("preparing the guest image and the tracer plugin on the workers")
         try:
@@ -110,7 +110,7 @@ class StudyRunner:
         runs = []
         names: set[str] = set()
         for spec in self.study.runs():
-            env = self.environment if spec.scenario else None
+            env = self.environment if spec.kind == "record" else None
             key = run_key(spec, env)
             name = run_name(spec, key)
             if name in names:

@@ -83,10 +83,13 @@ class RunSpec:
     canonical: dict[str, Any]
     #: the parameters the workload sweeps (a list in the study file)
     swept: tuple[str, ...] = ()
+    #: a command workload (else trace-record records it)
+    command: bool = False
 
     @property
     def kind(self) -> str:
-        return "scenario" if self.scenario else "command"
+        """``record`` (trace-record) or ``command``."""
+        return "command" if self.command else "record"
 
     def label(self) -> str:
         """A readable name: workload, parameters that vary, repeat."""
@@ -307,9 +310,14 @@ def parse_workload(w: Any, i: int, study: Study, rec_opts: dict[str, argparse.Ac
     if not isinstance(w, dict):
         err(sec, "", f"{where} must be a table")
     scen, cmd = w.get("scenario"), w.get("command")
-    if (scen is None) == (cmd is None):
-        err(sec, "scenario", "give a workload either a scenario or a command",
-            f"{where}.scenario")
+    # trace-record's own workloads (--run/--script, where the installed trace-record has them)
+    own = [k for k in ("run", "script") if k in w and record_option(k, rec_opts)]
+    if cmd is not None and (scen is not None or own):
+        err(sec, "command", "give a workload either a command or trace-record's workload "
+            "(scenario" + (", run, script" if own else "") + "), not both", f"{where}.command")
+    if cmd is None and scen is None and not own:
+        err(sec, "scenario", "give a workload a scenario or a command" + (
+            " (or run/script)" if record_option("run", rec_opts) else ""), f"{where}.scenario")
     if scen is not None and (not isinstance(scen, str) or scen not in known):
         err(sec, "scenario", f"unknown scenario {scen!r} (trace-record offers: "
             f"{', '.join(known)})", f"{where}.scenario")
@@ -319,7 +327,7 @@ def parse_workload(w: Any, i: int, study: Study, rec_opts: dict[str, argparse.Ac
             f"{where}.command")
     if cmd is not None and not any("{trace}" in c for c in cmd):
         err(sec, "command", "the command must write the trace to {trace}", f"{where}.command")
-    name = w.get("name", scen or Path(cmd[0]).name)
+    name = w.get("name", scen or (own[0] if own else Path(cmd[0]).name))
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         err(sec, "name", "a name of letters, digits, '.', '_' and '-'", f"{where}.name")
     rep = w.get("repeats", study.repeats)
@@ -337,7 +345,7 @@ def parse_workload(w: Any, i: int, study: Study, rec_opts: dict[str, argparse.Ac
             if not isinstance(x, SCALARS):
                 err(sec, k, f"a number, string or true/false (or a list of them), not "
                     f"{type(x).__name__}", dotted)
-        if scen is not None:
+        if cmd is None:
             opt = record_option(k, rec_opts)
             if opt is None or k in RECORD_RESERVED or k == "scenario":
                 err(sec, k, "unknown key: not a trace-record option" + (
@@ -428,9 +436,9 @@ def parse_analyses(a: Any, study: Study, err: Any) -> None:
 
 def expand_run(study: Study, w: Workload, params: dict[str, Any], repeat: int) -> RunSpec:
     """One run's arguments: trace-record's (checked, defaults resolved) or the command's."""
-    if w.scenario:
+    if w.command is None:
         opts = options(record_parser())
-        argv = ["--scenario", w.scenario]
+        argv = ["--scenario", w.scenario] if w.scenario else []
         for k, v in params.items():
             opt = record_option(k, opts)
             assert opt is not None
@@ -442,4 +450,5 @@ def expand_run(study: Study, w: Workload, params: dict[str, Any], repeat: int) -
     argv = [re.sub(r"\{([A-Za-z_][A-Za-z0-9_]*)\}",
                    lambda m: fill.get(m.group(1), m.group(0)), c) for c in w.command or []]
     return RunSpec(w.name, None, params, repeat, argv,
-                   {"command": argv, "params": {k: params[k] for k in sorted(params)}})
+                   {"command": argv, "params": {k: params[k] for k in sorted(params)}},
+                   command=True)

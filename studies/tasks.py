@@ -131,7 +131,7 @@ def record(label: str, kind: str, argv: list[str], trace: str,
             p.unlink()
     path.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
-    if kind == "scenario":
+    if kind == "record":
         cmd = [sys.executable, "-m", "memtrace.tracer.record", *argv, "-o", str(path), "-q"]
     else:
         cmd = [c.replace("{trace}", str(path)).replace("{python}", sys.executable)
@@ -140,7 +140,7 @@ def record(label: str, kind: str, argv: list[str], trace: str,
     rc = run_command(cmd, log)
     wall = time.time() - t0
     if rc != 0 or not path.exists():
-        what = "trace-record" if kind == "scenario" else Path(cmd[0]).name
+        what = "trace-record" if kind == "record" else Path(cmd[0]).name
         why = f"exited with status {rc}" if rc else "wrote no trace"
         raise RunFailed(f"{label}: {what} {why} (log {log}):\n{tail(log)}")
     rec = {"inputs": inputs, "label": label, "trace": str(path), "bytes": path.stat().st_size,
