@@ -179,13 +179,15 @@ class StudyRunner:
         r.futures = []
 
     def running(self) -> int:
-        """Runs with a task on a worker now."""
+        """Runs with a task on a worker now: the scheduler's processing tasks include those
+        queued on a worker, so no more than the cluster's threads."""
         try:
             busy = {k for keys in self.client.processing().values() for k in keys}
+            threads = sum(self.client.nthreads().values())
         except Exception:  # noqa: BLE001 - a count for the progress bar only
             return 0
-        return sum(1 for r in self.runs if r.futures
-                   and any(f.key in busy for f in r.futures))
+        return min(threads, sum(1 for r in self.runs if r.futures
+                                and any(f.key in busy for f in r.futures)))
 
     def execute(self) -> list[Run]:
         """Plan, skip what is done, run the rest; every run's outcome."""
