@@ -97,8 +97,11 @@ def open_cluster(a: argparse.Namespace, study: Study) -> tuple[Any, Any]:
     ram, copies = guest_needs(study)
     sizing = cluster.size_local(ram, copies, a.workers)
     say(f"local Dask cluster: {sizing.why}")
+    cluster.become_subreaper()
     lc = cluster.local_cluster(sizing)
-    return Client(lc), lc
+    client = Client(lc)
+    cluster.ignore_interrupts(client)
+    return client, lc
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -149,6 +152,11 @@ def run(argv: list[str] | None = None) -> int:
         with contextlib.suppress(Exception):
             if lc is not None:
                 lc.close()
+        if lc is not None:
+            from memtrace.studies.cluster import reap
+            from memtrace.studies.guard import GRACE
+
+            reap(GRACE + 30)
     return conclude(runner, study, out)
 
 

@@ -11,9 +11,12 @@ all reach (``--traces``).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import shutil
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +64,50 @@ def local_cluster(sizing: Sizing) -> Any:
     return LocalCluster(n_workers=sizing.workers, threads_per_worker=1, processes=True,
                         memory_limit=sizing.memory_limit, dashboard_address="127.0.0.1:0",
                         host="127.0.0.1", silence_logs=logging.CRITICAL)
+
+
+def ignore_interrupts(client: Any) -> None:
+    """Local workers share the terminal's process group, so a Ctrl-C reaches them too and
+    would kill them mid-run; they ignore it (every worker, also one the nanny restarts) and
+    the client stops their commands in order instead (``tasks.stop_commands``)."""
+    from dask.distributed import WorkerPlugin
+
+    class IgnoreInterrupt(WorkerPlugin):
+        name = "memtrace-ignore-sigint"
+
+        def setup(self, worker: Any) -> None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    client.register_plugin(IgnoreInterrupt())
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Make this process the one that inherits the commands of a local worker that dies
+    (Linux ``PR_SET_CHILD_SUBREAPER``), so that ``reap`` can wait for them to stop."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0,
+                                                        0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def reap(timeout: float) -> int:
+    """Wait (up to ``timeout`` s) for the guards of commands whose local worker died, which
+    ``become_subreaper`` made this process's children: none outlives the study. Only guards:
+    other children (multiprocessing's resource tracker) live until this process exits. How
+    many were waited for."""
+    import psutil
+
+    guards = []
+    for p in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if "memtrace.studies.guard" in p.cmdline():
+                guards.append(p)
+    psutil.wait_procs(guards, timeout=timeout)
+    return len(guards)
 
 
 def connect(address: str, timeout: float = 10.0) -> Any:
