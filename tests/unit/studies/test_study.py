@@ -1,6 +1,10 @@
-"""trace-study's machinery on a real Dask LocalCluster (and a scheduler and workers started as
-processes), with command workloads that write synthetic traces in a second: results, the
-Parquet dataset against trace-analyze's JSON, resumption, failures, dying workers, Ctrl-C."""
+"""trace-study's machinery on a real Dask cluster, with command workloads that write synthetic
+traces in a second: results, the Parquet dataset against trace-analyze's JSON, resumption,
+failures, Ctrl-C, bad input. Most tests run ``trace-study`` in this process against the
+session's shared cluster (``--scheduler``, conftest.py); one starts ``dask scheduler`` and
+``dask worker`` processes and kills a worker mid-run. trace-study's own local cluster of worker
+processes, and Ctrl-C to the whole process group, are tested with real recordings
+(tests/e2e/studies)."""
 
 from __future__ import annotations
 
@@ -9,12 +13,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from memtrace.studies import cli, cluster
 from tests.paths import REPO
 
 WORKLOAD = Path(__file__).with_name("workload.py")
@@ -44,18 +50,28 @@ def trace_study(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedP
                           text=True, timeout=timeout, cwd=REPO, **kw)
 
 
+def study(capsys, *args: str) -> tuple[int, str]:
+    """trace-study in this process (``-q``): its exit status and what it wrote to stderr."""
+    capsys.readouterr()
+    rc = cli.run([*args, "-q"])
+    return rc, capsys.readouterr().err
+
+
 def runs_table(out: Path) -> pd.DataFrame:
     return pd.read_parquet(out / "results" / "runs.parquet").set_index("run")
 
 
-def test_study_on_two_workers_and_parquet_equals_json(tmp_path):
+def test_study_on_two_workers_and_parquet_equals_json(tmp_path, capsys, scheduler):
+    """The issue's "study of tiny runs on 2 workers": every summary, series and table in the
+    dataset, read back with pandas, is what trace-analyze --format json says of the trace."""
     out = tmp_path / "out"
-    r = trace_study(str(study_file(tmp_path)), "-o", str(out), "--workers", "2")
-    assert r.returncode == 0, r.stderr
-    assert "local Dask cluster: 2 worker(s)" in r.stderr
-    assert "Dask dashboard: http://127.0.0.1:" in r.stderr
+    rc, err = study(capsys, str(study_file(tmp_path)), "-o", str(out), "--scheduler", scheduler)
+    assert rc == 0, err
     runs = runs_table(out)
     assert sorted(runs["n"].tolist()) == [2, 3] and set(runs["status"]) == {"done"}
+    assert runs["trace"].str.startswith(str(out / "traces")).all()
+    series = pd.read_parquet(out / "results" / "series.parquet")
+    peaks = pd.read_parquet(out / "results" / "tables" / "sharing.figures_at_peak.parquet")
     for name, row in runs.iterrows():
         j = subprocess.run([str(BIN / "trace-analyze"), row["trace"], "--sharing", "--oracle",
                             "--format", "json", "-q"], capture_output=True, text=True,
@@ -65,7 +81,6 @@ def test_study_on_two_workers_and_parquet_equals_json(tmp_path):
             for k, v in res["summary"].items():
                 got = row[f"{an}.{k}"]
                 assert (got == v) or (v is None and pd.isna(got)), (an, k, got, v)
-        series = pd.read_parquet(out / "results" / "series.parquet")
         mine = series[(series.run == name) & (series.analysis == "oracle")
                       & (series.table == "series")]
         js = doc["results"]["oracle"]["tables"]["series"]
@@ -74,19 +89,18 @@ def test_study_on_two_workers_and_parquet_equals_json(tmp_path):
             assert mine[mine.figure == fig]["value"].tolist() == [
                 float(x[col]) for x in js["rows"]]
             assert mine[mine.figure == fig]["t"].tolist() == [x[0] for x in js["rows"]]
-        peak = pd.read_parquet(out / "results" / "tables" / "sharing.figures_at_peak.parquet")
-        peak = peak[peak.run == name]
+        peak = peaks[peaks.run == name]
         assert peak.drop(columns="run").values.tolist() == \
             doc["results"]["sharing"]["tables"]["figures_at_peak"]["rows"]
 
 
-def test_failing_run_is_reported_and_the_rest_go_on(tmp_path):
+def test_failing_run_is_reported_and_the_rest_go_on(tmp_path, capsys, scheduler):
     out = tmp_path / "out"
-    r = trace_study(str(study_file(tmp_path, ["ok", "fail"], n="2")), "-o", str(out),
-                    "--workers", "2")
-    assert r.returncode == 1
-    assert "1 of 2 runs done, 1 failed" in r.stderr
-    line = [ln for ln in r.stderr.splitlines() if ln.startswith("trace-study: failed:")]
+    rc, err = study(capsys, str(study_file(tmp_path, ["ok", "fail"], n="2")), "-o", str(out),
+                    "--scheduler", scheduler)
+    assert rc == 1
+    assert "1 of 2 runs done, 1 failed" in err
+    line = [ln for ln in err.splitlines() if ln.startswith("trace-study: failed:")]
     assert len(line) == 1 and "status 3" in line[0] and ".log" in line[0]
     runs = runs_table(out)
     assert sorted(runs["status"]) == ["done", "failed"]
@@ -96,58 +110,59 @@ def test_failing_run_is_reported_and_the_rest_go_on(tmp_path):
     assert runs[runs.status == "done"].iloc[0]["sharing.peak_mmap_fork"] > 0
 
 
-def test_a_worker_that_dies_mid_run_is_replaced_and_its_run_retried(tmp_path):
-    out = tmp_path / "out"
-    r = trace_study(str(study_file(tmp_path, "die-once", n="2")), "-o", str(out),
-                    "--workers", "2")
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "state-2").read_text() == "died\n"  # it did die once
-    assert runs_table(out)["status"].tolist() == ["done"]
-
-
-def test_interrupted_study_resumes_and_skips_finished_runs(tmp_path):
-    """Ctrl-C while a run is midway: the finished run is kept (dataset written), nothing is
-    left running; run again: the interrupted run is recorded again, the finished one not."""
+def test_interrupted_study_resumes_and_skips_finished_runs(tmp_path, capsys, scheduler):
+    """Ctrl-C (SIGINT to trace-study) while a run is midway: its command is stopped on the
+    worker, the finished run is kept (dataset written); run again: the interrupted run is
+    recorded again, the finished one not; a run whose recording finished but not its
+    analysis is only analyzed."""
     out = tmp_path / "out"
     sf = study_file(tmp_path, "slow-once-3")
-    p = subprocess.Popen([str(BIN / "trace-study"), str(sf), "-o", str(out), "--workers", "2",
-                          "-q"], cwd=REPO, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
     state = tmp_path / "state-3"
-    deadline = time.monotonic() + 120
-    done2 = list((out / "runs").glob("syn-n2-*/analysis-*.json")) if out.exists() else []
-    while time.monotonic() < deadline and not (state.exists() and done2):
-        time.sleep(0.2)
-        done2 = list((out / "runs").glob("syn-n2-*/analysis-*.json"))
-    assert state.exists() and done2, "the runs did not start"
-    slow_pid = int(state.read_text())
-    os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground group
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
-    assert "1 of 2 runs done, interrupted" in err
+    main = threading.main_thread().ident
+    assert main is not None
+    midway: list[bool] = []
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not midway:
+            if state.exists() and list(out.glob("runs/syn-n2-*/analysis-*.json")):
+                midway.append(True)
+            time.sleep(0.1)
+        signal.pthread_kill(main, signal.SIGINT)  # as Ctrl-C (also if it never got there)
+
+    t = threading.Thread(target=interrupt, daemon=True)
+    t.start()
+    rc, err = study(capsys, str(sf), "-o", str(out), "--scheduler", scheduler)
+    t.join()
+    assert midway, "the runs did not start"
+    assert rc == 130, err
+    assert "1 of 2 runs done, interrupted" in err and "stopped 1 running command" in err
     with pytest.raises(ProcessLookupError):
-        os.kill(slow_pid, 0)  # the command the run was running is gone
+        os.kill(int(state.read_text()), 0)  # the command the run was running is gone
     assert runs_table(out)["status"].tolist() == ["done"]
     trace2 = next((out / "traces").glob("syn-n2-*.mtr"))
     before = trace2.stat().st_mtime_ns
-    r = trace_study(str(sf), "-o", str(out), "--workers", "2")
-    assert r.returncode == 0, r.stderr
-    assert "2 runs, 1 already done, 1 to run" in r.stderr
+    rc, err = study(capsys, str(sf), "-o", str(out), "--scheduler", scheduler)
+    assert rc == 0, err
+    assert "2 runs, 1 already done, 1 to run" in err
     assert trace2.stat().st_mtime_ns == before
     runs = runs_table(out)
     assert sorted(runs["n"].tolist()) == [2, 3] and set(runs["status"]) == {"done"}
-    # a recording that finished but whose analysis did not is only analyzed again
-    (next((out / "runs").glob("syn-n3-*")) / next(
-        (out / "runs").glob("syn-n3-*")).glob("analysis-*.json").__next__().name).unlink()
+    next(out.glob("runs/syn-n3-*/analysis-*.json")).unlink()
     trace3 = next((out / "traces").glob("syn-n3-*.mtr"))
     before3 = trace3.stat().st_mtime_ns
-    r = trace_study(str(sf), "-o", str(out), "--workers", "1")
-    assert r.returncode == 0 and "1 already done, 1 to run" in r.stderr
+    rc, err = study(capsys, str(sf), "-o", str(out), "--scheduler", scheduler)
+    assert rc == 0 and "1 already done, 1 to run" in err, err
     assert trace3.stat().st_mtime_ns == before3
+    assert runs_table(out).loc[runs.index, "oracle.oracle_min"].tolist() == \
+        runs["oracle.oracle_min"].tolist()
 
 
-def test_scheduler_and_workers_started_as_processes(tmp_path):
-    """The --scheduler path, as on a cluster: `dask scheduler` and `dask worker` processes."""
+def test_scheduler_and_worker_processes_and_a_worker_killed_mid_run(tmp_path, capsys):
+    """The --scheduler path as on a cluster: `dask scheduler` and two `dask worker` processes,
+    traces in a shared folder. Each run's command kills its worker the first time: the
+    worker's nanny starts a new one, the scheduler gives the run to a worker again, and the
+    study finishes."""
     sched_file = tmp_path / "scheduler.json"
     procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1",
                                "--port", "0", "--no-dashboard", "--scheduler-file",
@@ -164,9 +179,11 @@ def test_scheduler_and_workers_started_as_processes(tmp_path):
                  "--nthreads", "1", "--no-dashboard"], stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL))
         out = tmp_path / "out"
-        r = trace_study(str(study_file(tmp_path)), "-o", str(out), "--scheduler", address,
-                        "--traces", str(tmp_path / "shared"))
-        assert r.returncode == 0, r.stderr
+        rc, err = study(capsys, str(study_file(tmp_path, "die-once")), "-o", str(out),
+                        "--scheduler", address, "--traces", str(tmp_path / "shared"))
+        assert rc == 0, err
+        for n in (2, 3):
+            assert (tmp_path / f"state-{n}").read_text() == "died\n"  # it did die once
         runs = runs_table(out)
         assert set(runs["status"]) == {"done"} and len(runs) == 2
         assert all(t.startswith(str(tmp_path / "shared")) for t in runs["trace"])
@@ -177,13 +194,14 @@ def test_scheduler_and_workers_started_as_processes(tmp_path):
             p.wait(timeout=30)
 
 
-def test_unreachable_scheduler_is_one_line(tmp_path):
-    r = trace_study(str(study_file(tmp_path)), "-o", str(tmp_path / "o"), "--scheduler",
-                    "127.0.0.1:9", timeout=120)
-    assert r.returncode == 1
-    assert r.stderr.startswith("trace-study: error: cannot reach the Dask scheduler at "
-                               "127.0.0.1:9"), r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+def test_unreachable_scheduler_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cluster.connect, "__defaults__", (1.0,))  # not 10 s in a test
+    rc, err = study(capsys, str(study_file(tmp_path)), "-o", str(tmp_path / "o"),
+                    "--scheduler", "127.0.0.1:9")
+    assert rc == 1
+    assert err.startswith("trace-study: error: cannot reach the Dask scheduler at "
+                          "127.0.0.1:9"), err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_bad_study_file_is_one_line_and_status_2(tmp_path):
@@ -196,7 +214,7 @@ def test_bad_study_file_is_one_line_and_status_2(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
-def test_full_disk_keeps_finished_runs(tmp_path):
+def test_full_disk_keeps_finished_runs(tmp_path, capsys, scheduler):
     """A study folder on a file system that fills up: a clear error, the finished runs' reports
     kept; with room again, the dataset is written without recording anything again."""
     mnt = tmp_path / "small"
@@ -205,9 +223,9 @@ def test_full_disk_keeps_finished_runs(tmp_path):
     try:
         out = mnt / "out"
         sf = study_file(tmp_path, analyses="[analyses.oracle]\n")
-        r = trace_study(str(sf), "-o", str(out), "--traces", str(tmp_path / "traces"),
-                        "--workers", "2")
-        assert r.returncode == 0, r.stderr
+        rc, err = study(capsys, str(sf), "-o", str(out), "--traces", str(tmp_path / "traces"),
+                        "--scheduler", scheduler)
+        assert rc == 0, err
         (out / "results" / "runs.parquet").unlink()
         reports = sorted(out.glob("runs/*/analysis-*.json"))
         assert len(reports) == 2
@@ -220,14 +238,16 @@ def test_full_disk_keeps_finished_runs(tmp_path):
             pass
         os.close(fd)
         os.truncate(filler, filler.stat().st_size - 8192)  # room for study.json, not more
-        r = trace_study(str(sf), "-o", str(out), "--traces", str(tmp_path / "traces"))
-        assert r.returncode == 1
-        err = [ln for ln in r.stderr.splitlines() if "error" in ln]
-        assert len(err) == 1 and "No space left on device" in err[0], r.stderr
+        rc, err = study(capsys, str(sf), "-o", str(out), "--traces", str(tmp_path / "traces"),
+                        "--scheduler", scheduler)
+        assert rc == 1
+        said = [ln for ln in err.splitlines() if "error" in ln]
+        assert len(said) == 1 and "No space left on device" in said[0], err
         assert sorted(out.glob("runs/*/analysis-*.json")) == reports
         filler.unlink()
-        r = trace_study(str(sf), "-o", str(out), "--traces", str(tmp_path / "traces"))
-        assert r.returncode == 0 and "2 already done, 0 to run" in r.stderr
+        rc, err = study(capsys, str(sf), "-o", str(out), "--traces", str(tmp_path / "traces"),
+                        "--scheduler", scheduler)
+        assert rc == 0 and "2 already done, 0 to run" in err, err
         assert len(runs_table(out)) == 2
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
