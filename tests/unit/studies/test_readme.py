@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
+from memtrace.studies import cli
 from memtrace.studies.studyfile import parse
 from tests.paths import REPO
 
@@ -29,7 +29,7 @@ def test_study_file_example_is_valid():
     assert len(st.runs()) == 3 * 2 * 3 + 2 * 3
 
 
-def test_pandas_and_duckdb_examples_run_on_a_study(tmp_path):
+def test_pandas_and_duckdb_examples_run_on_a_study(tmp_path, capsys, scheduler):
     sf = tmp_path / "ts-sweep.toml"
     sf.write_text("""\
 [study]
@@ -42,10 +42,8 @@ n = [2, 3]
 [analyses.oracle]
 """)
     out = tmp_path / "out" / "studies" / "ts-sweep"
-    r = subprocess.run([str(Path(sys.executable).parent / "trace-study"), str(sf), "-o",
-                        str(out), "--workers", "1", "-q"], capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr
+    assert cli.run([str(sf), "-o", str(out), "--scheduler", scheduler, "-q"]) == 0, \
+        capsys.readouterr().err
     for marker in ("With pandas:", "With DuckDB"):
         code = block_after(marker).replace("out/studies/ts-sweep", str(out))
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
