@@ -56,6 +56,8 @@ def test_tiny_real_study_on_two_workers(tmp_path, say):
     r = subprocess.run([str(BIN / "trace-study"), str(sf), "-o", str(out), "--workers", "2",
                         "-q"], capture_output=True, text=True, timeout=1800, cwd=REPO)
     assert r.returncode == 0, r.stderr
+    assert "local Dask cluster: 2 worker(s)" in r.stderr  # trace-study's own LocalCluster
+    assert "Dask dashboard: http://127.0.0.1:" in r.stderr
     runs = pd.read_parquet(out / "results" / "runs.parquet")
     assert runs["status"].tolist() == ["done", "done"]
     assert (runs["guest_seconds"] > 0).all() and (runs["scenario"] == "single").all()
