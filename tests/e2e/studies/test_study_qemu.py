@@ -1,5 +1,6 @@
-"""trace-study with real recordings: real QEMU, the real guest kernel and agent, on a Dask
-LocalCluster of 2 workers; Ctrl-C in the middle of a recording; the thesis study, quick."""
+"""trace-study with real recordings: real QEMU, the real guest kernel and agent, on trace-study's
+own Dask LocalCluster of 2 worker processes; Ctrl-C in the middle of the recordings and resume;
+the thesis study, quick."""
 
 from __future__ import annotations
 
@@ -47,17 +48,36 @@ def qemu_writing(folder: Path) -> list[str]:
     return out
 
 
-def test_tiny_real_study_on_two_workers(tmp_path, say):
+def test_tiny_real_study_on_two_workers_interrupted_and_resumed(tmp_path, say):
+    """trace-study's own LocalCluster of 2 worker processes, real recordings: Ctrl-C to the
+    whole process group while both guests run leaves no QEMU and nothing in /dev/shm; run
+    again, the interrupted runs are recorded again and the dataset equals trace-analyze's
+    JSON of the traces."""
     before = shm()
     sf = tmp_path / "tiny.toml"
     sf.write_text(TINY)
     out = tmp_path / "out"
+    p = subprocess.Popen([str(BIN / "trace-study"), str(sf), "-o", str(out), "--workers", "2",
+                          "-q"], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and len(qemu_writing(out)) < 2:
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.2)
+    assert len(qemu_writing(out)) == 2, "the recordings did not start"
+    time.sleep(3)  # midway: the guests are booting or running the scenario
+    os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground group
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err
+    assert "local Dask cluster: 2 worker(s)" in err  # trace-study's own LocalCluster
+    assert "Dask dashboard: http://127.0.0.1:" in err
+    assert "0 of 2 runs done, interrupted" in err
+    assert not qemu_writing(out) and shm() <= before
     t0 = time.monotonic()
     r = subprocess.run([str(BIN / "trace-study"), str(sf), "-o", str(out), "--workers", "2",
                         "-q"], capture_output=True, text=True, timeout=1800, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    assert "local Dask cluster: 2 worker(s)" in r.stderr  # trace-study's own LocalCluster
-    assert "Dask dashboard: http://127.0.0.1:" in r.stderr
+    assert "2 runs, 0 already done, 2 to run" in r.stderr
     runs = pd.read_parquet(out / "results" / "runs.parquet")
     assert runs["status"].tolist() == ["done", "done"]
     assert (runs["guest_seconds"] > 0).all() and (runs["scenario"] == "single").all()
@@ -71,34 +91,9 @@ def test_tiny_real_study_on_two_workers(tmp_path, say):
         for k, v in res["summary"].items():
             assert row[f"{an}.{k}"] == v, (an, k)
     assert shm() <= before and not qemu_writing(out)
-    say(f"2 real recordings of single -n 1 on 2 workers in {time.monotonic() - t0:.0f} s, "
-        f"peak mmap/fork {int(row['sharing.peak_mmap_fork'])} pages")
-
-
-def test_ctrl_c_mid_recording_leaves_no_qemu_and_resumes(tmp_path):
-    before = shm()
-    sf = tmp_path / "one.toml"
-    sf.write_text(TINY.replace("repeats = 2", "repeats = 1"))
-    out = tmp_path / "out"
-    p = subprocess.Popen([str(BIN / "trace-study"), str(sf), "-o", str(out), "--workers", "1",
-                          "-q"], cwd=REPO, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not qemu_writing(out):
-        assert p.poll() is None, p.stderr.read()
-        time.sleep(0.2)
-    assert qemu_writing(out), "the recording did not start"
-    time.sleep(3)  # midway: the guest is booting or running the scenario
-    os.killpg(p.pid, signal.SIGINT)
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 130, err
-    assert "0 of 1 runs done, interrupted" in err
-    assert not qemu_writing(out) and shm() <= before
-    r = subprocess.run([str(BIN / "trace-study"), str(sf), "-o", str(out), "--workers", "1",
-                        "-q"], capture_output=True, text=True, timeout=1800, cwd=REPO)
-    assert r.returncode == 0, r.stderr
-    assert "1 runs, 0 already done, 1 to run" in r.stderr
-    assert pd.read_parquet(out / "results" / "runs.parquet")["status"].tolist() == ["done"]
+    say(f"2 real recordings of single -n 1 on 2 workers in {time.monotonic() - t0:.0f} s "
+        f"after an interrupted start, peak mmap/fork {int(row['sharing.peak_mmap_fork'])} "
+        "pages")
 
 
 def test_thesis_quick(tmp_path, say):
