@@ -86,7 +86,7 @@ def test_tiny_real_study_on_two_workers_interrupted_and_resumed(tmp_path, say):
     doc = json.loads(subprocess.run(
         [str(BIN / "trace-analyze"), row["trace"], "--sharing", "--oracle", "--format",
          "json", "-q"], capture_output=True, text=True, check=True).stdout)
-    assert doc["header"]["scenario"] == {"name": "single", "n": 1}
+    assert doc["header"]["scenario"] == {"name": "single", "n": 1, "smp": 1}
     for an, res in doc["results"].items():
         for k, v in res["summary"].items():
             assert row[f"{an}.{k}"] == v, (an, k)
