@@ -91,10 +91,11 @@ def prepare() -> dict[str, Any]:
     """Build the guest image and the tracer plugin if missing (once per host: a file lock),
     and say what a recording on this worker depends on: the guest manifest's digest, the QEMU
     version, the plugin's sha256."""
-    from memtrace.tracer.qemu import PLUGIN, ROOT, qemu_version
+    from memtrace.tracer import cache
+    from memtrace.tracer.qemu import plugin_path, qemu_version
     from memtrace.tracer.record import ensure_plugin, guest_image
 
-    lock = ROOT / "build" / ".study-prepare.lock"
+    lock = cache.root() / ".study-prepare.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -102,7 +103,7 @@ def prepare() -> dict[str, Any]:
         ensure_plugin()
     ident = {k: v for k, v in manifest.items() if k != "notes"}
     return {"guest": hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest(),
-            "qemu": qemu_version(), "plugin": _sha256(PLUGIN), "host": socket.gethostname()}
+            "qemu": qemu_version(), "plugin": _sha256(plugin_path()), "host": socket.gethostname()}
 
 
 def _write_json(path: Path, doc: Any) -> None:
