@@ -90,6 +90,7 @@
 #include "json_min.h"
 #include "mailbox.h"
 #include "pt_walk.h"
+#include "ram_layout.h"
 #include "trace_writer.h"
 #include "vcpu_stop.h"
 #include "wp_track.h"
@@ -99,7 +100,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 #define PLUGIN_VERSION "0.1.0"
 #define PAGE_SHIFT 12
 #define PAGE_SIZE 4096u
-#define MAX_RAM (2ull << 30)          /* pc machine: below the PCI hole, phys addr == offset */
+#define MAX_RAM (64ull << 30)         /* frames of RAM: 16 bytes of hashes each */
 #define DEFAULT_MAILBOX 0x1f000000ull /* PROTOCOL.md defaults */
 #define DEFAULT_MAILBOX_SIZE (1ull << 20)
 #define MAX_CHECK_INTERVAL 1000000ull /* look at the mailbox at least this often (all vCPUs) */
@@ -124,7 +125,13 @@ static const char usage_text[] =
     "memtrace plugin arguments (key=value, comma separated after the .so path):\n"
     "  out=PATH            trace file to write (required)\n"
     "  ram=PATH            the guest RAM file (mem-path of memory-backend-file, share=on; required)\n"
-    "  ram_size=BYTES      guest RAM size, e.g. 512M (required, at most 2G, the RAM file's size)\n"
+    "  ram_size=BYTES      guest RAM size, e.g. 512M (required, at most 64G, the RAM file's size)\n"
+    "  ram_below_4g=BYTES  how much of it the machine maps below the PCI hole (the rest is at\n"
+    "                      4G): the machine's max-ram-below-4g; default QEMU's pc rule (all\n"
+    "                      of it below 3.5G of RAM, else 3G)\n"
+    "  hwaddr=auto|offset|gpa  what QEMU's qemu_plugin_hwaddr_phys_addr returns for RAM: the\n"
+    "                      RAM offset (QEMU 7.2, plugin API 1) or the guest physical address\n"
+    "                      (plugin API 2 and later); auto (default) goes by the running API\n"
     "  mode=pages|writes   PAGE records per epoch (default), or also a WRITE record per store\n"
     "  epoch=N             epoch length in guest instructions (default 10000000)\n"
     "  mailbox=PHYS|none   guest physical address of the agent mailbox (default 0x1f000000)\n"
@@ -140,11 +147,14 @@ static const char usage_text[] =
     "                      one line and refuse to install (trace-record asks before it boots)\n";
 
 enum track_kind { TRACK_AUTO, TRACK_PAGEMAP, TRACK_CALLBACKS };
+enum hwaddr_kind { HWADDR_AUTO, HWADDR_OFFSET, HWADDR_GPA };
 
 struct config {
     char *out, *ram, *header_path, *stats_path;
     char *stop_image; /* copy of guest RAM written when tracing stops (for --verify) */
     uint64_t ram_size;
+    uint64_t ram_below_4g; /* 0: QEMU's default rule */
+    enum hwaddr_kind hwaddr;
     bool writes_mode;
     uint64_t epoch;
     bool mailbox_on;
@@ -235,6 +245,8 @@ static struct {
     GMutex setup_lock;
 
     /* guest RAM */
+    struct ram_layout layout; /* guest physical address -> RAM file offset (ram_layout.h) */
+    bool hwaddr_is_gpa;   /* qemu_plugin_hwaddr_phys_addr gives guest physical addresses */
     bool setup_done;
     int ram_fd;
     const uint8_t *ram;   /* read-only mapping of the whole RAM file */
@@ -280,6 +292,7 @@ static struct {
     uint64_t n_epochs, n_page_records, n_pages_hashed, n_map_records, n_walks, n_events;
     uint64_t n_write_records, n_unseen_records, n_drains, n_early_drains, n_idle_drains, n_states;
     uint64_t lost_ring_full, lost_seq_gap;
+    uint64_t n_pagecache_not_ram; /* PAGECACHE events naming a frame outside guest RAM */
     uint64_t scan_ns, hash_ns, walk_ns;
     uint64_t zero_lo, zero_hi;
 } S;
@@ -550,7 +563,7 @@ static void walk_spaces(bool all)
         if (!need) {
             continue;
         }
-        if (pt_walk_user(S.ram, S.cfg.ram_size, m->pgd, MAX_MAPS_PER_MM, &fresh) < 0) {
+        if (pt_walk_user(S.ram, &S.layout, m->pgd, MAX_MAPS_PER_MM, &fresh) < 0) {
             warn("address space 0x%" PRIx64 ": page-table root 0x%" PRIx64
                  " is outside guest RAM", m->mm, m->pgd);
         }
@@ -789,9 +802,16 @@ static void apply_event(const struct mb_event *ev)
         tw_vma(S.tw, ev->op, ev->pid, ev->mm, ev->start, ev->end, ev->vm_flags, ev->pgoff,
                ev->ino, ev->dev, ev->name);
         break;
-    case MB_PAGECACHE:
-        tw_pagecache(S.tw, ev->op, ev->dev, ev->ino, ev->index, ev->frame);
+    case MB_PAGECACHE: {
+        /* the agent reports guest page frame numbers; the trace has RAM frames */
+        uint64_t off = ram_offset(&S.layout, ev->frame << PAGE_SHIFT);
+        if (off == RAM_NONE) {
+            S.n_pagecache_not_ram++;
+            break;
+        }
+        tw_pagecache(S.tw, ev->op, ev->dev, ev->ino, ev->index, off >> PAGE_SHIFT);
         break;
+    }
     case MB_MARK:
         tw_mark(S.tw, ev->op, ev->name, ev->arg);
         break;
@@ -856,14 +876,41 @@ static void save_stop_image(void)
         warn("stop_image=%s: %s", S.cfg.stop_image, strerror(errno));
         return;
     }
-    uint64_t done = 0;
-    while (done < S.cfg.ram_size) {
-        ssize_t n = write(fd, S.ram + done, S.cfg.ram_size - done);
-        if (n <= 0) {
-            warn("stop_image=%s: %s", S.cfg.stop_image, n < 0 ? strerror(errno) : "short write");
-            break;
+    /* sparse: only the RAM file's data ranges are copied (holes read back as zeros), so a
+     * large guest that touched little costs little disk */
+    const off_t size = (off_t)S.cfg.ram_size;
+    if (ftruncate(fd, size) < 0) {
+        warn("stop_image=%s: %s", S.cfg.stop_image, strerror(errno));
+        close(fd);
+        return;
+    }
+    off_t off = 0;
+    while (off < size) {
+        off_t data = lseek(S.ram_fd, off, SEEK_DATA);
+        off_t hole;
+        if (data < 0 && errno != ENXIO) {
+            data = off; /* no SEEK_DATA here: copy everything */
+            hole = size;
+        } else {
+            if (data < 0 || data > size) {
+                break; /* ENXIO: no data after off */
+            }
+            hole = lseek(S.ram_fd, data, SEEK_HOLE);
+            if (hole < 0 || hole > size) {
+                hole = size;
+            }
         }
-        done += (uint64_t)n;
+        while (data < hole) {
+            ssize_t n = pwrite(fd, S.ram + data, (size_t)(hole - data), data);
+            if (n <= 0) {
+                warn("stop_image=%s: %s", S.cfg.stop_image,
+                     n < 0 ? strerror(errno) : "short write");
+                close(fd);
+                return;
+            }
+            data += n;
+        }
+        off = hole > off ? hole : off + PAGE_SIZE;
     }
     close(fd);
 }
@@ -1295,9 +1342,13 @@ static void vcpu_resume(qemu_plugin_id_t id, unsigned int vcpu_index)
 
 /* ---- stores -------------------------------------------------------------------------------- */
 
-/* One store (of at most a page's rest) by vCPU v, its bytes read back from RAM. */
+/* One store (of at most a page's rest) by vCPU v, its bytes read back from RAM; pa: what
+ * qemu_plugin_hwaddr_phys_addr said (see hwaddr= in usage_text). */
 static inline void record_store(unsigned v, uint64_t pa, unsigned size)
 {
+    if (S.hwaddr_is_gpa) {
+        pa = ram_offset(&S.layout, pa);
+    }
     if (pa >= S.cfg.ram_size || in_mailbox(pa >> PAGE_SHIFT)) {
         return;
     }
@@ -1444,7 +1495,7 @@ static void setup_ram(void)
     }
     if (c->mailbox_on) {
         p = mmap(NULL, c->mailbox_size, PROT_READ | PROT_WRITE, MAP_SHARED, S.ram_fd,
-                 (off_t)c->mailbox_phys);
+                 (off_t)ram_offset(&S.layout, c->mailbox_phys));
         if (p == MAP_FAILED) {
             fatal("mmap of the mailbox in %s: %s", c->ram, strerror(errno));
         }
@@ -1498,6 +1549,7 @@ static void write_stats(const char *path, const struct tw_stats *ts, uint64_t ic
         ", \"mailbox_drains\": %" PRIu64 ", \"early_drains\": %" PRIu64
         ", \"idle_drains\": %" PRIu64
         ", \"lost_ring_full\": %" PRIu64 ", \"lost_seq_gap\": %" PRIu64
+        ", \"pagecache_not_ram\": %" PRIu64
         ", \"mailbox_errors\": %" PRIu64 ", \"scan_seconds\": %.6f, \"hash_seconds\": %.6f"
         ", \"walk_seconds\": %.6f, \"chunks\": %" PRIu64 ", \"records\": %" PRIu64
         ", \"raw_bytes\": %" PRIu64 ", \"file_bytes\": %" PRIu64 ", \"writer_stalls\": %" PRIu64
@@ -1509,7 +1561,7 @@ static void write_stats(const char *path, const struct tw_stats *ts, uint64_t ic
         S.cfg.writes_mode ? "writes" : "pages", S.region != REGION_BEFORE ? "true" : "false",
         S.n_page_records, S.n_pages_hashed, S.n_write_records, S.n_unseen_records,
         S.n_map_records, S.n_walks, S.n_events, S.n_states, S.n_drains, S.n_early_drains, S.n_idle_drains, S.lost_ring_full,
-        S.lost_seq_gap,
+        S.lost_seq_gap, S.n_pagecache_not_ram,
         S.mb.bad, S.scan_ns / 1e9, S.hash_ns / 1e9, S.walk_ns / 1e9, ts->chunks, ts->records,
         ts->raw_bytes, ts->file_bytes, ts->stalls, ts->stall_ns / 1e9, ts->chunks_dropped,
         S.max_vcpus, S.world.stops, S.world.aborts, S.world.gather_ns / 1e9,
@@ -1692,8 +1744,8 @@ static void jobj_member_cb(void *ctx, const char *key, size_t klen, const char *
 
 /* Keys the plugin alone may set: they describe what this file contains. */
 static const char *const protected_keys[] = {
-    "format_version", "page_size", "ram_size", "clock_unit", "source", "mode", "tracking",
-    "epoch_length", "hash", "vcpus", NULL,
+    "format_version", "page_size", "ram_size", "ram_layout", "clock_unit", "source", "mode",
+    "tracking", "epoch_length", "hash", "vcpus", NULL,
 };
 
 static bool merge_header_file(struct jobj *hdr, const char *path, char **err)
@@ -1790,6 +1842,10 @@ static char *build_header(const qemu_info_t *info, char **err)
     jobj_set_u64(&h, "format_version", TW_FORMAT_VERSION);
     jobj_set_u64(&h, "page_size", PAGE_SIZE);
     jobj_set_u64(&h, "ram_size", c->ram_size);
+    char *layout = g_strdup_printf("{\"below_4g\": %" PRIu64 ", \"high_base\": %" PRIu64 "}",
+                                   c->ram_below_4g, (uint64_t)RAM_HIGH_BASE);
+    jobj_set_raw(&h, "ram_layout", layout);
+    g_free(layout);
     jobj_set_str(&h, "clock_unit", "instructions");
     jobj_set_str(&h, "source", "recorded");
     jobj_set_str(&h, "mode", c->writes_mode ? "writes" : "pages");
@@ -1816,6 +1872,7 @@ static char *build_header(const qemu_info_t *info, char **err)
     } else {
         g_string_append(rec, "null, \"mailbox_size\": 0");
     }
+    g_string_append_printf(rec, ", \"hwaddr\": \"%s\"", S.hwaddr_is_gpa ? "gpa" : "offset");
     g_string_append_printf(rec, ", \"state_brackets\": \"tracer STATE_BEGIN(reset), agent dump, "
                            "PAGE all frames, MAP all spaces, STATE_END\", \"zstd_level\": %d, "
                            "\"chunk_bytes\": %" PRIu64 "}", c->zstd_level, c->chunk_bytes);
@@ -1876,6 +1933,20 @@ static int parse_args(int argc, char **argv)
                 return reject("ram_size=%s is not a size", val);
             }
             have_ram_size = true;
+        } else if (!strcmp(key, "ram_below_4g")) {
+            if (!parse_size(val, &c->ram_below_4g) || c->ram_below_4g == 0) {
+                return reject("ram_below_4g=%s is not a size", val);
+            }
+        } else if (!strcmp(key, "hwaddr")) {
+            if (!strcmp(val, "auto")) {
+                c->hwaddr = HWADDR_AUTO;
+            } else if (!strcmp(val, "offset")) {
+                c->hwaddr = HWADDR_OFFSET;
+            } else if (!strcmp(val, "gpa")) {
+                c->hwaddr = HWADDR_GPA;
+            } else {
+                return reject("hwaddr=%s: expected auto, offset or gpa", val);
+            }
         } else if (!strcmp(key, "mode")) {
             if (!strcmp(val, "pages")) {
                 c->writes_mode = false;
@@ -1956,16 +2027,27 @@ static int parse_args(int argc, char **argv)
         return reject("ram_size=BYTES is required");
     }
     if (c->ram_size == 0 || c->ram_size % PAGE_SIZE || c->ram_size > MAX_RAM) {
-        return reject("ram_size=%" PRIu64 ": expected a multiple of 4096, at most 2G (above "
-                      "the PCI hole guest physical addresses are not RAM file offsets)",
+        return reject("ram_size=%" PRIu64 ": expected a multiple of 4096, at most 64G",
                       c->ram_size);
     }
+    if (!c->ram_below_4g) {
+        c->ram_below_4g = ram_default_below_4g(c->ram_size);
+    }
+    if (c->ram_below_4g > c->ram_size) {
+        c->ram_below_4g = c->ram_size; /* all of it below the hole */
+    }
+    if (c->ram_below_4g % PAGE_SIZE || c->ram_below_4g > RAM_HIGH_BASE) {
+        return reject("ram_below_4g=%" PRIu64 ": expected a multiple of 4096, at most 4G",
+                      c->ram_below_4g);
+    }
+    S.layout = (struct ram_layout){ c->ram_size, c->ram_below_4g };
     if (c->mailbox_on) {
         if (c->mailbox_phys % PAGE_SIZE || c->mailbox_size % PAGE_SIZE ||
-            c->mailbox_size < 2 * PAGE_SIZE || c->mailbox_phys >= c->ram_size ||
-            c->mailbox_size > c->ram_size - c->mailbox_phys) {
+            c->mailbox_size < 2 * PAGE_SIZE ||
+            ram_contiguous(&S.layout, c->mailbox_phys) < c->mailbox_size) {
             return reject("mailbox=0x%" PRIx64 " mailbox_size=%" PRIu64 ": expected page-aligned, "
-                          "at least 8K, inside guest RAM", c->mailbox_phys, c->mailbox_size);
+                          "at least 8K, inside one piece of guest RAM", c->mailbox_phys,
+                          c->mailbox_size);
         }
     }
     return 0;
@@ -2000,6 +2082,12 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
         return -1;
     }
 
+    /* QEMU 7.2 (API 1) computes the "physical address" of a RAM access from its RAM block
+     * (block offset + offset in the block): the RAM file offset. Since QEMU 8.1 it is the
+     * guest physical address from the TLB. The two agree below the PCI hole. */
+    S.hwaddr_is_gpa = c->hwaddr == HWADDR_GPA ||
+                      (c->hwaddr == HWADDR_AUTO && info->version.cur >= 2);
+
     /* how to find written frames */
     char err[512] = "";
     if (c->track != TRACK_CALLBACKS) {
@@ -2031,8 +2119,9 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
 
     S.frames = c->ram_size >> PAGE_SHIFT;
     if (c->mailbox_on) {
-        S.mb_first = c->mailbox_phys >> PAGE_SHIFT;
-        S.mb_end = (c->mailbox_phys + c->mailbox_size) >> PAGE_SHIFT;
+        uint64_t off = ram_offset(&S.layout, c->mailbox_phys);
+        S.mb_first = off >> PAGE_SHIFT;
+        S.mb_end = (off + c->mailbox_size) >> PAGE_SHIFT;
     }
     S.hashes = g_new0(uint64_t, 2 * S.frames);
     S.written = g_new0(uint8_t, (S.frames + 7) / 8);

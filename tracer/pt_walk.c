@@ -18,8 +18,7 @@
 
 struct walk_ctx {
     const uint8_t *mem;
-    uint64_t mem_size;
-    uint64_t nframes;
+    const struct ram_layout *ram;
     size_t max_maps;
     struct pt_walk *w;
 };
@@ -67,34 +66,62 @@ static void add_table(struct walk_ctx *c, uint64_t frame)
     w->tables[w->ntables++] = frame;
 }
 
-/* Adds n consecutive 4 KiB mappings starting at vpn -> frame; returns 0 when max_maps is hit. */
-static int add_maps(struct walk_ctx *c, uint64_t vpn, uint64_t frame, uint64_t n,
+/*
+ * Adds the mappings of n consecutive 4 KiB pages starting at vpn -> guest physical frame gfn,
+ * the part of them that is guest RAM (a large page may reach into the PCI hole or past the end
+ * of RAM), as RAM frames. Returns 0 when max_maps is hit.
+ */
+static int add_maps(struct walk_ctx *c, uint64_t vpn, uint64_t gfn, uint64_t n,
                     uint64_t flags)
 {
     struct pt_walk *w = c->w;
-    if (frame >= c->nframes) {
-        return 1;
+    while (n > 0) {
+        uint64_t gpa = gfn << 12;
+        uint64_t run = ram_contiguous(c->ram, gpa) >> 12;
+        if (run == 0) { /* not RAM: skip to where RAM resumes (above the hole), if within n */
+            uint64_t skip = n;
+            if (gpa < RAM_HIGH_BASE && c->ram->size > c->ram->below_4g) {
+                skip = (RAM_HIGH_BASE - gpa) >> 12;
+            }
+            if (skip >= n) {
+                return 1;
+            }
+            vpn += skip;
+            gfn += skip;
+            n -= skip;
+            continue;
+        }
+        if (run > n) {
+            run = n;
+        }
+        if (w->nmaps + run > c->max_maps) {
+            run = c->max_maps > w->nmaps ? c->max_maps - w->nmaps : 0;
+            w->truncated = 1;
+        }
+        uint64_t frame = ram_offset(c->ram, gpa) >> 12;
+        w->maps = grow(w->maps, &w->maps_cap, w->nmaps + run, sizeof(*w->maps));
+        for (uint64_t i = 0; i < run; i++) {
+            w->maps[w->nmaps++] = (struct pt_map){ vpn + i, frame + i, flags };
+        }
+        if (w->truncated) {
+            return 0;
+        }
+        vpn += run;
+        gfn += run;
+        n -= run;
     }
-    if (frame + n > c->nframes) {
-        n = c->nframes - frame; /* the part of a large page that lies in RAM */
-    }
-    if (w->nmaps + n > c->max_maps) {
-        n = c->max_maps > w->nmaps ? c->max_maps - w->nmaps : 0;
-        w->truncated = 1;
-    }
-    w->maps = grow(w->maps, &w->maps_cap, w->nmaps + n, sizeof(*w->maps));
-    for (uint64_t i = 0; i < n; i++) {
-        w->maps[w->nmaps++] = (struct pt_map){ vpn + i, frame + i, flags };
-    }
-    return !w->truncated;
+    return 1;
 }
 
-static const uint64_t *table_at(struct walk_ctx *c, uint64_t phys)
+/* The table at guest physical address phys, or NULL if it is not in guest RAM. */
+static const uint64_t *table_at(struct walk_ctx *c, uint64_t phys, uint64_t *frame)
 {
-    if (phys + 4096 > c->mem_size) {
+    uint64_t off = ram_offset(c->ram, phys);
+    if (off == RAM_NONE || off + 4096 > c->ram->size) {
         return NULL;
     }
-    return (const uint64_t *)(c->mem + phys);
+    *frame = off >> 12;
+    return (const uint64_t *)(c->mem + off);
 }
 
 static uint64_t leaf_flags(uint64_t e, int writable_above)
@@ -111,11 +138,12 @@ static uint64_t leaf_flags(uint64_t e, int writable_above)
 
 static int walk_pt(struct walk_ctx *c, uint64_t phys, uint64_t vpn_base, int wr)
 {
-    const uint64_t *pt = table_at(c, phys);
+    uint64_t tf;
+    const uint64_t *pt = table_at(c, phys, &tf);
     if (!pt) {
         return 1;
     }
-    add_table(c, phys >> 12);
+    add_table(c, tf);
     for (unsigned i = 0; i < 512; i++) {
         uint64_t e = pt[i];
         if ((e & (PTE_P | PTE_US)) != (PTE_P | PTE_US)) {
@@ -130,11 +158,12 @@ static int walk_pt(struct walk_ctx *c, uint64_t phys, uint64_t vpn_base, int wr)
 
 static int walk_pd(struct walk_ctx *c, uint64_t phys, uint64_t vpn_base, int wr)
 {
-    const uint64_t *pd = table_at(c, phys);
+    uint64_t tf;
+    const uint64_t *pd = table_at(c, phys, &tf);
     if (!pd) {
         return 1;
     }
-    add_table(c, phys >> 12);
+    add_table(c, tf);
     for (unsigned i = 0; i < 512; i++) {
         uint64_t e = pd[i];
         if ((e & (PTE_P | PTE_US)) != (PTE_P | PTE_US)) {
@@ -156,11 +185,12 @@ static int walk_pd(struct walk_ctx *c, uint64_t phys, uint64_t vpn_base, int wr)
 
 static int walk_pdpt(struct walk_ctx *c, uint64_t phys, uint64_t vpn_base, int wr)
 {
-    const uint64_t *pdpt = table_at(c, phys);
+    uint64_t tf;
+    const uint64_t *pdpt = table_at(c, phys, &tf);
     if (!pdpt) {
         return 1;
     }
-    add_table(c, phys >> 12);
+    add_table(c, tf);
     for (unsigned i = 0; i < 512; i++) {
         uint64_t e = pdpt[i];
         if ((e & (PTE_P | PTE_US)) != (PTE_P | PTE_US)) {
@@ -180,17 +210,17 @@ static int walk_pdpt(struct walk_ctx *c, uint64_t phys, uint64_t vpn_base, int w
     return 1;
 }
 
-int pt_walk_user(const uint8_t *mem, uint64_t mem_size, uint64_t root, size_t max_maps,
-                 struct pt_walk *w)
+int pt_walk_user(const uint8_t *mem, const struct ram_layout *ram, uint64_t root,
+                 size_t max_maps, struct pt_walk *w)
 {
-    struct walk_ctx c = { mem, mem_size, mem_size >> 12, max_maps, w };
+    struct walk_ctx c = { mem, ram, max_maps, w };
     pt_walk_clear(w);
-    uint64_t root_phys = root & ADDR_4K;
-    const uint64_t *pml4 = table_at(&c, root_phys);
+    uint64_t tf;
+    const uint64_t *pml4 = table_at(&c, root & ADDR_4K, &tf);
     if (!pml4) {
         return -1;
     }
-    add_table(&c, root_phys >> 12);
+    add_table(&c, tf);
     for (unsigned i = 0; i < USER_PML4_ENTRIES; i++) {
         uint64_t e = pml4[i];
         if ((e & (PTE_P | PTE_US)) != (PTE_P | PTE_US)) {

@@ -6,14 +6,17 @@
  * handled: QEMU's default x86-64 CPU models do not offer it. Large pages are expanded into one
  * 4 KiB entry per frame (a 2 MiB page gives 512 entries, a 1 GiB page 262144), so consumers only
  * ever see 4 KiB granules. Only entries with the User/Supervisor bit set at every level are user
- * mappings; only present entries map anything; frames outside guest RAM (device memory) are
- * left out. No glib: the unit test compiles this file alone.
+ * mappings; only present entries map anything; frames outside guest RAM (device memory, the
+ * PCI hole) are left out, and frames are given as RAM file page indexes (ram_layout.h).
+ * No glib: the unit test compiles this file alone.
  */
 #ifndef MEMTRACE_PT_WALK_H
 #define MEMTRACE_PT_WALK_H
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "ram_layout.h"
 
 /* Same bits as the MAP record's flags. */
 #define PT_PRESENT 1u
@@ -22,7 +25,8 @@
 
 struct pt_map {
     uint64_t vpn;     /* virtual address >> 12 */
-    uint64_t frame;   /* guest physical address >> 12 */
+    uint64_t frame;   /* RAM file offset >> 12 (ram_layout.h; below the PCI hole = guest
+                       * physical address >> 12) */
     uint64_t flags;   /* PT_* */
 };
 
@@ -30,7 +34,7 @@ struct pt_map {
 struct pt_walk {
     struct pt_map *maps;
     size_t nmaps, maps_cap;
-    uint64_t *tables;   /* root first, then every lower-level table visited */
+    uint64_t *tables;   /* root first, then every lower-level table visited (RAM frames) */
     size_t ntables, tables_cap;
     int truncated;      /* the walk stopped at max_maps entries */
 };
@@ -42,11 +46,12 @@ void pt_walk_clear(struct pt_walk *w);
 
 /*
  * Walks the user half of the tables whose root (PML4) is at guest physical address root (the
- * CR3 value; bits 0-11 and 52-63 are ignored) in mem[0..mem_size). Stops after max_maps
- * entries (sets w->truncated). Returns 0, or -1 if the root is outside mem (w left empty).
+ * CR3 value; bits 0-11 and 52-63 are ignored) in guest RAM mem[0..ram->size), laid out as
+ * ram says (the tables hold guest physical addresses). Stops after max_maps entries (sets
+ * w->truncated). Returns 0, or -1 if the root is not in guest RAM (w left empty).
  */
-int pt_walk_user(const uint8_t *mem, uint64_t mem_size, uint64_t root, size_t max_maps,
-                 struct pt_walk *w);
+int pt_walk_user(const uint8_t *mem, const struct ram_layout *ram, uint64_t root,
+                 size_t max_maps, struct pt_walk *w);
 
 /*
  * Calls fn once for each vpn whose mapping differs between old and new (both sorted by vpn):

@@ -1,9 +1,11 @@
 """Find and start QEMU for tracing: paths, versions, the command line, the QMP session.
 
 One place that knows how our guest is booted: TCG (multi-threaded with several vCPUs), no
-default devices (no DMA after boot), RAM in a shared file under /dev/shm that the plugin maps
-too, kernel and initramfs from the guest image, serial console to a log file, QMP on a unix
-socket.
+default devices, RAM in a shared file under /dev/shm that the plugin maps too (the machine puts
+RAM_BELOW_4G of it below the PCI hole, the rest at 4 GiB), kernel and initramfs from the guest
+image, serial console to a log file, QMP on a unix socket. A disk-root guest
+(guest-agent/initdisk.sh) also gets virtio disks (DMA into guest RAM, which pages mode sees
+through its tracking) and a second serial port for the workload's own output.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from memtrace.traces import private
 TRACER = Path(__file__).resolve().parent
 MAILBOX_PHYS = 0x1F000000
 MAILBOX_SIZE = 1 << 20
+# The machine's max-ram-below-4g: RAM beyond it is mapped at 4 GiB (tracer/ram_layout.h). Fixed
+# here, not left to QEMU's default (3.5G / 3G), so that launcher and plugin agree.
+RAM_BELOW_4G = 2 << 30
+MAX_RAM = 64 << 30
 
 
 def plugin_path() -> Path:
@@ -67,6 +73,15 @@ def parse_size(s: str) -> int:
 
 
 @dataclass
+class Drive:
+    """A virtio-blk disk of the guest (vda, vdb, ... in the order given)."""
+
+    path: Path
+    format: str = "raw"  # qemu image format: raw or qcow2
+    readonly: bool = False
+
+
+@dataclass
 class GuestRun:
     """One boot of the guest under QEMU."""
 
@@ -81,6 +96,12 @@ class GuestRun:
     plugin: Path = field(default_factory=lambda: plugin_path())
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     ram_created: bool = field(default=False, init=False)  # the RAM file is ours to remove
+    drives: list[Drive] = field(default_factory=list)
+    console_path: Path | None = None  # second serial port (ttyS1): the workload's output
+
+    @property
+    def ram_below_4g(self) -> int:
+        return min(self.ram_size, RAM_BELOW_4G)
 
     @property
     def ram_path(self) -> Path:
@@ -88,8 +109,9 @@ class GuestRun:
 
     @property
     def stop_image_path(self) -> Path:
-        """Guest RAM as it was when tracing stopped (written by the plugin for --verify)."""
-        return Path("/dev/shm") / f"memtrace-{os.getpid()}-{self.tag}.stop.ram"
+        """Guest RAM as it was when tracing stopped (written by the plugin for --verify, sparse,
+        in the work directory: /dev/shm counts against the host's RAM)."""
+        return self.workdir / f"stop-{self.tag}.ram"
 
     @property
     def qmp_path(self) -> Path:
@@ -108,11 +130,18 @@ class GuestRun:
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-object", f"memory-backend-file,id=ram,size={mib}M,mem-path={self.ram_path},"
                        "share=on",
-            "-machine", "pc,memory-backend=ram",
+            "-machine", f"pc,memory-backend=ram,max-ram-below-4g={RAM_BELOW_4G}",
             "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", self.append,
             "-serial", f"file:{self.serial_path}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]
+        if self.console_path is not None:
+            cmd += ["-serial", f"file:{self.console_path}"]
+        for i, d in enumerate(self.drives):
+            # cache=unsafe: the disks are throwaway copies or overlays, flushes are wasted time
+            cmd += ["-drive", f"file={d.path},format={d.format},if=none,id=disk{i},"
+                              f"cache=unsafe,readonly={'on' if d.readonly else 'off'}",
+                    "-device", f"virtio-blk-pci,drive=disk{i}"]
         if self.plugin_args is not None:
             if not self.plugin.exists():
                 raise SetupError(f"tracer plugin {self.plugin} is not built: run bash "

@@ -27,6 +27,7 @@ from memtrace.tracer import cache, qemus
 from memtrace.tracer.qemu import (
     MAILBOX_PHYS,
     MAILBOX_SIZE,
+    MAX_RAM,
     GuestRun,
     QemuProcess,
     SetupError,
@@ -134,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "writes: every store with its value as well")
     ap.add_argument("--epoch", type=parse_epoch, default=10_000_000,
                     help="epoch length in guest instructions (default 10M)")
-    ap.add_argument("--ram", default="512M", help="guest RAM (default 512M, at most 2G)")
+    ap.add_argument("--ram", default="512M",
+                    help="guest RAM (default 512M; beyond 2G the machine maps the rest at 4G)")
     ap.add_argument("--cache", metavar="DIR",
                     help="where built things live: guest image, plugin builds, QEMU 10 (default "
                          "$MEMTRACE_CACHE, else $XDG_CACHE_HOME/memtrace, ~/.cache/memtrace; "
@@ -197,9 +199,8 @@ class Recorder:
         if a.timeout <= 0:
             raise SetupError(f"--timeout {a.timeout:g}: give a positive number of seconds")
         ram_size = parse_size(a.ram)
-        if ram_size > 2 << 30:
-            raise SetupError("--ram at most 2G (guest physical address == RAM file offset "
-                             "only below the PCI hole)")
+        if not 64 << 20 <= ram_size <= MAX_RAM:
+            raise SetupError(f"--ram {a.ram}: between 64M and {MAX_RAM >> 30}G")
         q = qemus.resolve(a.qemu)
         plugin = None
         if not a.no_plugin:
@@ -235,7 +236,8 @@ class Recorder:
             if not a.no_plugin:
                 run.plugin_args = {
                     "out": str(out.resolve()), "ram": str(run.ram_path),
-                    "ram_size": str(ram_size), "mode": a.mode, "epoch": str(a.epoch),
+                    "ram_size": str(ram_size), "ram_below_4g": str(run.ram_below_4g),
+                    "mode": a.mode, "epoch": str(a.epoch),
                     "mailbox": hex(MAILBOX_PHYS) if agent else "none",
                     "mailbox_size": str(MAILBOX_SIZE),
                     "track": a.track, "header": str(header_path), "start": a.start,

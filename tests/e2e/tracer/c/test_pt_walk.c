@@ -1,6 +1,7 @@
 /*
  * Unit test of tracer/pt_walk.c: builds x86-64 page tables in a file that stands for guest RAM,
- * maps it, walks it and compares the mappings with the expected list; then checks pt_diff.
+ * maps it, walks it and compares the mappings with the expected list; then checks pt_diff, and
+ * a walk over RAM split around a PCI hole (ram_layout.h).
  * Run by tests/e2e_tracer/test_unit_c.py (compiled with gcc in a temporary directory).
  */
 #include <fcntl.h>
@@ -104,10 +105,11 @@ int main(int argc, char **argv)
 
     /* the walker reads the file through a read-only mapping, as the plugin does */
     const uint8_t *mem = mmap(NULL, RAM_SIZE, PROT_READ, MAP_SHARED, fd, 0);
+    const struct ram_layout flat = ram_layout_flat(RAM_SIZE);
     struct pt_walk w;
     pt_walk_init(&w);
     /* CR3-style root: low bits (PCID) must be ignored */
-    CHECK(pt_walk_user(mem, RAM_SIZE, (root << 12) | 0x5, 1u << 24, &w) == 0, "walk failed");
+    CHECK(pt_walk_user(mem, &flat, (root << 12) | 0x5, 1u << 24, &w) == 0, "walk failed");
 
     const struct pt_map *m;
     m = find(&w, va(0, 0, 0, 0));
@@ -151,14 +153,14 @@ int main(int argc, char **argv)
     /* truncation */
     struct pt_walk wt;
     pt_walk_init(&wt);
-    pt_walk_user(mem, RAM_SIZE, root << 12, 100, &wt);
+    pt_walk_user(mem, &flat, root << 12, 100, &wt);
     CHECK(wt.truncated && wt.nmaps == 100, "truncation: %d %zu", wt.truncated, wt.nmaps);
     pt_walk_free(&wt);
 
     /* root outside RAM */
     struct pt_walk wb;
     pt_walk_init(&wb);
-    CHECK(pt_walk_user(mem, RAM_SIZE, 0x40000000ull, 1u << 24, &wb) == -1, "bad root");
+    CHECK(pt_walk_user(mem, &flat, 0x40000000ull, 1u << 24, &wb) == -1, "bad root");
     pt_walk_free(&wb);
 
     /* diff: change one frame, drop one page, add one, set dirty on another */
@@ -168,7 +170,7 @@ int main(int argc, char **argv)
     set_entry(pt2, 7, (105ull << 12) | P | RW | US | D);
     struct pt_walk w2;
     pt_walk_init(&w2);
-    pt_walk_user(mem, RAM_SIZE, root << 12, 1u << 24, &w2);
+    pt_walk_user(mem, &flat, root << 12, 1u << 24, &w2);
     ndiffs = 0;
     size_t nd = pt_diff(&w, &w2, diff_cb, NULL);
     CHECK(nd == 4 && ndiffs == 4, "diffs %zu", nd);
@@ -186,6 +188,62 @@ int main(int argc, char **argv)
 
     pt_walk_free(&w);
     pt_walk_free(&w2);
+
+    /* RAM split around the hole: the file's first 4 MiB at guest physical 0, the rest (file
+     * frames 1024..2047) at guest physical 4 GiB. Tables hold guest physical addresses. */
+    memset(ram, 0, RAM_SIZE);
+    const struct ram_layout split = { RAM_SIZE, 4u << 20 };
+    const uint64_t high = RAM_HIGH_BASE >> 12; /* guest frame of file frame 1024 */
+    CHECK(ram_offset(&split, 0x3ff000) == 0x3ff000, "below");
+    CHECK(ram_offset(&split, 0x400000) == RAM_NONE, "hole");
+    CHECK(ram_offset(&split, RAM_HIGH_BASE + 0x1000) == (4u << 20) + 0x1000, "above");
+    CHECK(ram_offset(&split, RAM_HIGH_BASE + (4u << 20)) == RAM_NONE, "beyond the end");
+    /* root in low RAM (file frame 1); its PDPT in high RAM (file frame 1030 = guest frame
+     * high + 6), PD at file frame 2, PT in high RAM (file frame 1031) */
+    const uint64_t hpdpt = 1030, hpt = 1031;
+    set_entry(root, 0, ((high + hpdpt - 1024) << 12) | P | RW | US);
+    set_entry(hpdpt, 0, (pd << 12) | P | RW | US);
+    set_entry(pd, 0, ((high + hpt - 1024) << 12) | P | RW | US);
+    set_entry(hpt, 0, ((high + 40) << 12) | P | RW | US | D); /* high RAM: file frame 1064 */
+    set_entry(hpt, 1, (200ull << 12) | P | US);                /* low RAM */
+    set_entry(hpt, 2, (0x500ull << 12) | P | US);              /* in the hole (5 MiB) */
+    set_entry(hpt, 3, ((high + 1024) << 12) | P | US);         /* past the end of RAM */
+    /* a 2 MiB page at guest 4 GiB + 2 MiB: file frames 1536..2047 */
+    set_entry(pd, 1, ((high + 512) << 12) | P | RW | US | PS);
+    /* a 2 MiB page at guest 2 MiB: file frames 512..1023 (below the hole's start) */
+    set_entry(pd, 2, (512ull << 12) | P | RW | US | PS);
+    /* a 1 GiB page at guest 0: only its first 4 MiB are RAM */
+    set_entry(hpdpt, 1, 0ull | P | RW | US | PS);
+    struct pt_walk ws;
+    pt_walk_init(&ws);
+    CHECK(pt_walk_user(mem, &split, root << 12, 1u << 24, &ws) == 0, "split walk");
+    CHECK(ws.ntables == 4 && ws.tables[0] == root && ws.tables[1] == hpdpt &&
+          ws.tables[2] == pd && ws.tables[3] == hpt, "split tables (RAM frames)");
+    m = find(&ws, va(0, 0, 0, 0));
+    CHECK(m && m->frame == 1064 && m->flags == (PT_PRESENT | PT_WRITABLE | PT_DIRTY),
+          "high frame -> file frame");
+    m = find(&ws, va(0, 0, 0, 1));
+    CHECK(m && m->frame == 200, "low frame");
+    CHECK(!find(&ws, va(0, 0, 0, 2)), "frame in the hole reported");
+    CHECK(!find(&ws, va(0, 0, 0, 3)), "frame past the end reported");
+    for (unsigned i = 0; i < 512; i++) {
+        m = find(&ws, va(0, 0, 1, i));
+        CHECK(m && m->frame == 1536 + i, "high 2M page entry %u", i);
+        m = find(&ws, va(0, 0, 2, i));
+        CHECK(m && m->frame == 512 + i, "low 2M page entry %u", i);
+    }
+    n1g = 0;
+    for (size_t i = 0; i < ws.nmaps; i++) {
+        if (ws.maps[i].vpn >= va(0, 1, 0, 0) && ws.maps[i].vpn < va(0, 2, 0, 0)) {
+            CHECK(ws.maps[i].frame == ws.maps[i].vpn - va(0, 1, 0, 0), "split 1G frame");
+            n1g++;
+        }
+    }
+    CHECK(n1g == 1024, "split 1G page: %zu entries, want 1024", n1g);
+    CHECK(ws.nmaps == 2 + 512 + 512 + 1024, "split nmaps %zu", ws.nmaps);
+    /* a root in the hole is not RAM */
+    CHECK(pt_walk_user(mem, &split, 0x500000, 1u << 24, &ws) == -1, "root in the hole");
+    pt_walk_free(&ws);
     unlink(path);
     if (failures) {
         fprintf(stderr, "%d failures\n", failures);
