@@ -257,7 +257,7 @@ struct mta_dump {
 	bool gave_up;
 	u64 events;
 	u64 sbs, inodes, pages;
-	struct super_block *root_sb;	/* walked directly; skipped by the type walk */
+	struct super_block *root_sb[2];	/* walked directly; skipped by the type walk */
 };
 
 static void mta_dump_wait(struct mta_dump *d, u32 need)
@@ -804,7 +804,7 @@ static void mta_dump_sb(struct super_block *sb, void *arg)
 	struct mta_dump *d = arg;
 	struct inode *inode, *toput = NULL;
 
-	if (sb == d->root_sb)
+	if (sb == d->root_sb[0] || sb == d->root_sb[1])
 		return;
 	d->sbs++;
 	spin_lock(&sb->s_inode_list_lock);
@@ -832,30 +832,35 @@ static void mta_dump_sb(struct super_block *sb, void *arg)
 
 static void mta_dump_sb_root(struct super_block *sb, struct mta_dump *d)
 {
-	struct super_block *saved = d->root_sb;
+	struct super_block *saved[2] = { d->root_sb[0], d->root_sb[1] };
 
-	d->root_sb = NULL;
+	d->root_sb[0] = d->root_sb[1] = NULL;
 	mta_dump_sb(sb, d);
-	d->root_sb = saved;
+	d->root_sb[0] = saved[0];
+	d->root_sb[1] = saved[1];
 }
 
 static void mta_dump_pagecache(struct mta_dump *d)
 {
 	char *names, *cur, *name;
-	struct path root;
+	struct path root, kroot;
 
 	/*
 	 * The root file system (the initramfs: type "rootfs", which is not in the list of
-	 * registered types) is reached through the caller's root directory.
+	 * registered types) is reached through the caller's root directory; and, when the caller
+	 * runs chrooted into another root (a disk root, guest-agent/initdisk.sh), the initramfs
+	 * through the kernel's own root (init_task's), since the programs the init shim runs
+	 * from it map its pages too.
 	 */
 	get_fs_root(current->fs ? current->fs : init_task.fs, &root);
-	d->root_sb = root.mnt->mnt_sb;
-	mta_dump_sb_root(d->root_sb, d);
-	path_put(&root);
+	get_fs_root(init_task.fs, &kroot);
+	d->root_sb[0] = root.mnt->mnt_sb;
+	d->root_sb[1] = kroot.mnt->mnt_sb;
+	mta_dump_sb_root(d->root_sb[0], d);
+	if (d->root_sb[1] != d->root_sb[0])
+		mta_dump_sb_root(d->root_sb[1], d);
 
 	names = kstrdup(dump_fs, GFP_KERNEL);
-	if (!names)
-		return;
 	cur = names;
 	while ((name = strsep(&cur, ",")) != NULL) {
 		struct file_system_type *fst;
@@ -871,6 +876,9 @@ static void mta_dump_pagecache(struct mta_dump *d)
 		module_put(fst->owner);
 	}
 	kfree(names);
+	/* the roots stay referenced while the type walk compares super blocks with them */
+	path_put(&kroot);
+	path_put(&root);
 }
 
 static void mta_dump_tasks(struct mta_dump *d)
