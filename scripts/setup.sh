@@ -11,6 +11,7 @@ APT_PACKAGES=(
   libglib2.0-dev libzstd-dev libxxhash-dev libelf1
   dpkg-dev debian-archive-keyring       # apt-get source for qemu-plugin.h; pinned guest packages
   cpio zstd xz-utils kmod  # initramfs, kernel module tools
+  mmdebstrap e2fsprogs qemu-utils  # disk roots: built Debian roots, ext4 images, qcow2 overlays
   python3-venv
 )
 
