@@ -34,8 +34,9 @@ from memtrace.tracer.qemu import (
     guest_dir,
     parse_size,
 )
-from memtrace.traces.reader import TraceError, follow
-from memtrace.traces.writer import mark_incomplete
+from memtrace.tracer.workload import Outcome, Workload, add_arguments
+from memtrace.traces.reader import TraceError, follow, open_trace
+from memtrace.traces.writer import mark_incomplete, update_header
 
 SCENARIOS = ("single", "terminal-server", "zero-install", "server-heap", "ksm", "idle", "storm",
              "interleave")
@@ -109,7 +110,8 @@ def parse_epoch(s: str) -> int:
 
 def output_path(a: argparse.Namespace) -> Path:
     """The trace's path, its folder created and writable, checked before QEMU starts."""
-    out = Path(a.output or f"out/{a.scenario}-{a.n}-{a.mode}.mtr")
+    out = Path(a.output or (f"out/{a.scenario}-{a.n}-{a.mode}.mtr" if a.scenario
+                            else f"out/workload-{a.mode}.mtr"))
     if out.is_dir():
         raise SetupError(f"-o {out}: is a folder; give the trace file's path")
     try:
@@ -125,8 +127,9 @@ def output_path(a: argparse.Namespace) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="trace-record", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenario", default="single", choices=SCENARIOS,
-                    help="guest workload (default: single)")
+    ap.add_argument("--scenario", default=None, choices=SCENARIOS,
+                    help="built-in guest workload (default: single, unless --run or --script "
+                         "names your own)")
     ap.add_argument("-n", type=positive_int, default=2,
                     help="instances for the scenario (default: 2)")
     ap.add_argument("-o", "--output", help="trace file (default: out/SCENARIO-N-MODE.mtr)")
@@ -179,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="extra guest kernel command-line parameters (guest-agent/README.md "
                          "lists the memtrace.* ones)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_arguments(ap)
     return ap
 
 
@@ -187,6 +191,19 @@ class Recorder:
         self.a = a
         self.stop_reason: str | None = None
         self.stop_event = asyncio.Event()
+        self.workload: Workload | None = None
+        if a.run is not None or a.script is not None:
+            if a.scenario is not None:
+                raise SetupError("--scenario runs a built-in workload; --run/--script run your "
+                                 "own: give one of them")
+            self.workload = Workload(a)
+        elif a.root or a.packages or a.copy or a.env or a.settle or a.marks != "command" \
+                or a.workdir != "/root":
+            raise SetupError("--root, --packages, --copy, --env, --workdir, --settle and --marks "
+                             "describe your own workload: add --run CMD or --script FILE")
+        else:
+            a.scenario = a.scenario or "single"
+        self.label = "workload" if self.workload else a.scenario
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -208,30 +225,41 @@ class Recorder:
             qemus.preflight(q, plugin, a.smp)  # before the guest: one line if anything is off
         manifest = guest_image()
         agent = a.agent == "on" or (a.agent == "auto" and not a.no_plugin)
+        if self.workload and a.track == "callbacks":
+            raise SetupError("--track callbacks cannot see disk DMA into guest RAM: a workload on "
+                             "a disk needs write-protect tracking (--track pagemap)")
         with tempfile.TemporaryDirectory(prefix="trace-record-") as tmp:
             work = Path(tmp)
             files = manifest.get("files", {})
             run = GuestRun(kernel=guest_dir() / files.get("bzImage", {}).get("path", "bzImage"),
                            initrd=guest_dir() / files.get("initramfs", {}).get("path",
                                                                         "initramfs.cpio"),
-                           append=kernel_cmdline(a.scenario, a.n, a.append + (
+                           append=kernel_cmdline(self.label, a.n, a.append + (
                                " memtrace.agent=0" if not agent else
                                " memtrace.dump_wait_ms=0" if a.no_plugin else "")),
                            ram_size=ram_size,
                            workdir=work, smp=a.smp, qemu=[str(q.path), *q.args()])
             if plugin is not None:
                 run.plugin = plugin
+            extra: dict[str, Any] = {}
+            if self.workload:
+                run.initrd, run.drives, run.console_path, extra = self.workload.prepare(GUEST,
+                                                                                        work)
             header_path = work / "header.json"
             header = {
                 "source": "recorded", "mode": a.mode, "epoch_length": a.epoch,
                 "ram_size": ram_size, "clock_unit": "instructions",
                 "command": " ".join(["trace-record", *sys.argv[1:]]),
-                "scenario": {"name": a.scenario, "n": a.n, "smp": a.smp},
                 "guest_image": {k: v for k, v in manifest.items() if k != "notes"},
                 "tool_versions": {"qemu": q.version + (f" ({q.debian})" if q.debian else ""),
                                   "memtrace": VERSION},
                 "kernel_cmdline": run.append,
             }
+            if self.workload:
+                header["guest_image"]["initdisk"] = extra.pop("initdisk")
+                header.update(extra)
+            else:
+                header["scenario"] = {"name": a.scenario, "n": a.n, "smp": a.smp}
             header_path.write_text(json.dumps(header))
             if not a.no_plugin:
                 run.plugin_args = {
@@ -240,7 +268,8 @@ class Recorder:
                     "mode": a.mode, "epoch": str(a.epoch),
                     "mailbox": hex(MAILBOX_PHYS) if agent else "none",
                     "mailbox_size": str(MAILBOX_SIZE),
-                    "track": a.track, "header": str(header_path), "start": a.start,
+                    "track": "pagemap" if self.workload and a.track == "auto" else a.track,
+                    "header": str(header_path), "start": a.start,
                 }
                 if a.verify:
                     run.plugin_args["stop_image"] = str(run.stop_image_path)
@@ -268,7 +297,8 @@ class Recorder:
             mine = [ln for ln in err if ln.startswith("memtrace: ")]
             raise SetupError("QEMU refused to start: " + (
                 mine[0] if mine else err[-1] if err else f"exit code {q.proc.returncode}"))
-        bar = tqdm(total=None, unit="", desc=f"{a.scenario}",
+        wl = self.workload
+        bar = tqdm(total=None, unit="", desc=self.label,
                    disable=a.quiet or not sys.stderr.isatty(),
                    file=sys.stderr, bar_format="{desc}: {elapsed} {postfix}")
         offset = 0
@@ -285,13 +315,17 @@ class Recorder:
                 if not a.no_plugin:
                     offset, t, n = follow(out, offset)
                     t_guest, chunks = max(t_guest, t), chunks + n
+                if wl and wl.console:
+                    wl.console.poll()
                 size = out.stat().st_size if out.exists() else 0
                 bar.set_postfix_str(f"guest instructions {t_guest / 1e9:.2f} G, trace "
                                     f"{size / 1e6:.1f} MB, {chunks} chunks", refresh=True)
                 if q.proc.returncode is not None or self.stop_event.is_set():
                     break
                 if time.monotonic() - t0 > a.timeout:
-                    self.request_stop(f"timeout after {a.timeout:g} s (guest hung?)")
+                    self.request_stop(
+                        f"timeout after {a.timeout:g} s: the workload did not exit" if wl
+                        else f"timeout after {a.timeout:g} s (guest hung?)")
                     break
         finally:
             bar.close()
@@ -301,6 +335,10 @@ class Recorder:
         if a.serial_log:
             Path(a.serial_log).write_bytes(serial)
         m = DONE.search(serial)
+        outcome = Outcome.from_serial(serial) if wl else None
+        if wl and wl.console:
+            wl.console.poll()
+        finished = m is not None if outcome is None else outcome.exit_status is not None
         # the plugin's own failures (e.g. the disk filled up): say them, mark the trace
         plugin_errors = [ln.split("memtrace: ", 1)[1] for ln in q.stderr_text().splitlines()
                          if ln.startswith("memtrace: ") and ("fatal:" in ln
@@ -309,12 +347,24 @@ class Recorder:
             print(f"trace-record: tracer: {e}", file=sys.stderr)
         if self.stop_reason is None and plugin_errors:
             self.stop_reason = plugin_errors[0]
-        if self.stop_reason is None and m is None:
-            self.stop_reason = f"QEMU exited (code {rc}) before the scenario finished"
+        if outcome is not None and (outcome.root_error or outcome.job_error):
+            # nothing was traced: the guest stopped before the command (one line, no trace)
+            out.unlink(missing_ok=True)
+            raise SetupError(outcome.root_error or outcome.job_error or "")
+        if self.stop_reason is None and not finished:
+            self.stop_reason = f"QEMU exited (code {rc}) before the {self.label} finished"
+        if outcome is not None and outcome.exit_status == 127 and self.stop_reason is None:
+            last = wl.console.last_line() if wl and wl.console else ""
+            self.stop_reason = ("the command was not found in the guest (exit status 127"
+                                + (f": {last}" if last else "") + ")")
         if not a.no_plugin:
             if not out.exists():
                 raise SetupError("the plugin wrote no trace: " +
                                  (q.stderr_text().strip().splitlines() or ["no message"])[-1])
+            if wl and not self.stop_reason and not traced(out):
+                out.unlink()
+                raise SetupError("the workload marked no start, so nothing was traced: call "
+                                 "memtrace-mark start (or record without --marks workload)")
             if self.stop_reason:
                 try:
                     mark_incomplete(out, self.stop_reason)
@@ -322,13 +372,21 @@ class Recorder:
                     print(f"trace-record: warning: could not mark {out} incomplete: "
                           f"{e.strerror}; it stays readable up to its last complete chunk",
                           file=sys.stderr)
+            if outcome is not None and out.exists():
+                self._header_exit_status(out, outcome.exit_status)
         status = "ok" if not self.stop_reason else f"INCOMPLETE: {self.stop_reason}"
-        print(f"trace-record: {a.scenario} n={a.n}: {status}; wall {wall:.1f} s"
+        what = f"{a.scenario} n={a.n}" if outcome is None else (
+            "workload" + ("" if outcome.exit_status is None
+                          else f" (exit status {outcome.exit_status})"))
+        print(f"trace-record: {what}: {status}; wall {wall:.1f} s"
               + ("" if a.no_plugin else f"; trace {out} ({out.stat().st_size / 1e6:.1f} MB)"),
               file=sys.stderr)
         if m is not None and int(m.group(1)) != 0:
             print(f"trace-record: warning: the scenario exited with rc={m.group(1)}",
                   file=sys.stderr)
+        if outcome is not None and outcome.exit_status == 127:
+            print(f"trace-record: error: {self.stop_reason}", file=sys.stderr)
+            return 1
         if a.verify and not a.no_plugin:
             image = run.stop_image_path if run.stop_image_path.exists() else run.ram_path
             status = verification_status(out, image, a.mode, (MAILBOX_PHYS, MAILBOX_SIZE),
@@ -336,6 +394,22 @@ class Recorder:
             if status:
                 return status
         return 0 if not self.stop_reason else 4
+
+    @staticmethod
+    def _header_exit_status(out: Path, status: int | None) -> None:
+        """The workload's exit status into the trace header (room was left for it)."""
+        with open_trace(out) as t:
+            workload = dict(t.header.get("workload") or {})
+        workload["exit_status"] = status
+        if not update_header(out, {"workload": workload}):
+            print(f"trace-record: warning: no room left in {out}'s header for the exit status "
+                  "(it is in the trace as COUNTER workload.exit_status)", file=sys.stderr)
+
+
+def traced(path: Path) -> bool:
+    """Whether a trace holds anything (with start=marker nothing is written before START)."""
+    with open_trace(path) as t:
+        return bool(t.chunks)
 
 
 def verification_status(out: Path, image: Path, mode: str,

@@ -327,3 +327,37 @@ def mark_incomplete(path: str | os.PathLike[str], reason: str) -> None:
     b = BlockBuffer()
     b.add(Kind.MARK, records(Kind.MARK, op=MarkOp.INCOMPLETE, name=b.string(reason)))
     append_chunks(path, [(b.encode(), t, t, seq, 0)])
+
+
+HEADER_RESERVE = "header_reserve"
+
+
+def update_header(path: str | os.PathLike[str], changes: dict[str, Any]) -> bool:
+    """Set top-level header keys of a finished trace in place, for facts a recorder learns only
+    at the end (trace-record: the workload's exit status). The file's layout cannot move, so
+    the new JSON must fit in the old header's length: a recorder leaves room with a string of
+    spaces under ``header_reserve``, which this shrinks (or drops) to make the new header
+    exactly as long as the old one. Returns False, changing nothing, when it does not fit."""
+    with open(path, "r+b") as f:
+        raw = f.read(FILE_HEADER.size)
+        if len(raw) < FILE_HEADER.size or raw[:8] != FILE_MAGIC:
+            return False
+        hlen = FILE_HEADER.unpack(raw)[3]
+        header = json.loads(f.read(hlen).decode())
+        header.update(changes)
+        header.pop(HEADER_RESERVE, None)
+        body = json.dumps(header, sort_keys=True).encode()
+        room = hlen - len(body)
+        if room < 0:
+            return False
+        if room >= len(b', "": ""') + len(HEADER_RESERVE):
+            header[HEADER_RESERVE] = ""
+            body = json.dumps(header, sort_keys=True).encode()
+            header[HEADER_RESERVE] = " " * (hlen - len(body))
+            body = json.dumps(header, sort_keys=True).encode()
+        else:
+            body += b" " * room  # JSON allows trailing whitespace
+        assert len(body) == hlen
+        f.seek(FILE_HEADER.size)
+        f.write(body)
+    return True
