@@ -243,7 +243,7 @@ class Recorder:
                 run.plugin = plugin
             extra: dict[str, Any] = {}
             if self.workload:
-                run.initrd, run.drives, run.console_path, extra = self.workload.prepare(GUEST,
+                run.initrd, run.drives, run.console_path, extra = self.workload.prepare(guest_dir(),
                                                                                         work)
             header_path = work / "header.json"
             header = {

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from memtrace.analyses.engine import Replay
+from memtrace.tracer.qemu import guest_dir
 from memtrace.traces.format import Kind, MarkOp
 from memtrace.traces.reader import open_trace
 from tests.e2e.record.test_record import record, shm_files
-from tests.paths import BUILD
 
 pytestmark = pytest.mark.e2e
 
@@ -126,7 +126,7 @@ def test_built_root_runs_the_command(debian_base, tmp_path):
 def test_directory_root_and_script(tmp_path):
     """A directory root (the guest image's own small tree, with python3.11 and no Debian
     packaging) and --script: the tree is copied into a throwaway image, never written."""
-    tree = BUILD / "guest" / "rootfs"
+    tree = guest_dir() / "rootfs"
     before = fingerprint(tree)
     script = tmp_path / "work.py"
     script.write_text("#!/usr/bin/python3\nimport os, sys\n"
@@ -185,7 +185,7 @@ def test_disk_images_raw_and_qcow2(tmp_path):
     """A raw image with a partition table and a qcow2 image of a whole-disk file system: the
     guest finds the root on /dev/vda1 and /dev/vda; the images are opened read-only under a
     throwaway overlay."""
-    tree = BUILD / "guest" / "rootfs"
+    tree = guest_dir() / "rootfs"
     raw = tmp_path / "disk.img"
     _partitioned_image(tree, raw)
     whole = tmp_path / "whole.img"
@@ -247,7 +247,7 @@ def test_bad_input_before_boot(tmp_path):
                "-o", str(tmp_path / "x.mtr"))
     one_line_error(p, "no-such-package-memtrace does not exist")
     img = tmp_path / "busy.img"
-    _partitioned_image(BUILD / "guest" / "rootfs", img)
+    _partitioned_image(guest_dir() / "rootfs", img)
     with img.open("r+b"):
         p = record("--root", str(img), "--run", "true", "-o", str(tmp_path / "x.mtr"))
     one_line_error(p, "in use", "open for writing")
