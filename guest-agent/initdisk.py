@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the initramfs that boots the guest with its root on a disk (``initdisk.cpio``).
 
-Usage: python3 guest-agent/initdisk.py [--guest build/guest] [--force]
+Usage: python3 guest-agent/initdisk.py [--guest CACHE/guest] [--force]
 
 The guest image (build_image.py, from the locked packages of guest-agent/packages.lock.json)
 boots a root that lives in RAM. A workload of the user's (trace-record --run) runs in a real
@@ -42,9 +42,9 @@ from memtrace.guest.build_image import (
     sha256_file,
     write_cpio,
 )
+from memtrace.tracer import cache
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 # module groups: what each needs loaded (its dependencies are found by depmod)
 GROUPS = {
     "virtio": ["virtio_pci", "virtio_blk"],
@@ -155,6 +155,17 @@ def build(guest_dir: Path, force: bool = False) -> dict:
         old = json.loads(desc_f.read_text())
         if old.get("input_digest") == digest:
             return old
+    # under the guest image's lock: concurrent runs build it once, and no guest rebuild swaps
+    # the folder away meanwhile
+    with cache.lock_at(guest_dir):
+        if not force and out.exists() and desc_f.exists():
+            old = json.loads(desc_f.read_text())
+            if old.get("input_digest") == digest:
+                return old
+        return _build(guest_dir, guest, out, desc_f, digest)
+
+
+def _build(guest_dir: Path, guest: dict, out: Path, desc_f: Path, digest: str) -> dict:
 
     lock = read_lock(LOCK) if guest.get("lock") == "guest-agent/packages.lock.json" else {}
     abi = kernel_abi(guest["packages"])
@@ -222,12 +233,12 @@ def build(guest_dir: Path, force: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--guest", type=Path, default=REPO / "build" / "guest",
-                    help="the guest image directory (default build/guest)")
+    ap.add_argument("--guest", type=Path, default=None,
+                    help="the guest image directory (default CACHE/guest, the build cache's)")
     ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = ap.parse_args(argv)
     try:
-        desc = build(args.guest, args.force)
+        desc = build(args.guest or cache.path("guest"), args.force)
     except subprocess.CalledProcessError as e:
         raise BuildError(f"{' '.join(map(str, e.cmd[:2]))} ... failed with exit status "
                          f"{e.returncode}") from None

@@ -2,7 +2,7 @@
 """Debian root file systems for workloads on a disk, built with mmdebstrap from locked packages.
 
 Usage (from the repository, with the project's venv):
-  python -m memtrace.guest.roots build NAME [--packages p1,p2]   # -> build/roots/<key>/
+  python -m memtrace.guest.roots build NAME [--packages p1,p2]   # -> CACHE/roots/<key>/
   python -m memtrace.guest.roots lock NAME                        # re-lock NAME (commit it)
   python -m memtrace.guest.roots list
 
@@ -22,13 +22,13 @@ versions, and the root's manifest (and the trace header) lists what was installe
 is cached under a key that covers the lock, the package names and the archive's index (a new
 index builds again).
 
-Output, under build/roots/<key>/: ``rootfs/`` (the tree, also what ``trace-analyze
---guest-root`` reads), ``root.ext4`` (an ext4 image of it, ``mke2fs -d``, sparse, with free
-room for the workload; trace-record runs the guest on a throwaway qcow2 overlay of it) and
-``manifest.json`` (recipe, packages and versions, the cache key). .deb files are kept in
-build/roots/debs, apt's lists in build/roots/apt (a private configuration, as build_image.py:
-bookworm, -updates and -security, main). Needs root (mmdebstrap's root mode), mmdebstrap and
-e2fsprogs (scripts/setup.sh installs them).
+Output, under CACHE/roots/<key>/ (CACHE: the build cache, tracer/cache.py): ``rootfs/`` (the
+tree, also what ``trace-analyze --guest-root`` reads), ``root.ext4`` (an ext4 image of it,
+``mke2fs -d``, sparse, with free room for the workload; trace-record runs the guest on a
+throwaway qcow2 overlay of it) and ``manifest.json`` (recipe, packages and versions, the cache
+key). .deb files are kept in CACHE/roots/debs, apt's lists in CACHE/roots/apt (a private
+configuration, as build_image.py: bookworm, -updates and -security, main). Needs root
+(mmdebstrap's root mode), mmdebstrap and e2fsprogs (scripts/setup.sh installs them).
 """
 
 from __future__ import annotations
@@ -54,10 +54,9 @@ from memtrace.guest.build_image import (
     BuildError,
     lock_changes,
 )
+from memtrace.tracer import cache
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-BUILD = REPO / "build" / "roots"
 ROOTS_LOCK = HERE / "roots.lock.json"
 VARIANT = "minbase"
 # file times inside the root (mmdebstrap honours it): the same lock gives the same bytes
@@ -128,8 +127,13 @@ def write_roots_lock(roots: dict[str, dict], path: Path = ROOTS_LOCK) -> None:
 # ---------------------------------------------------------------- apt
 
 
+def home() -> Path:
+    """The cache item ``roots``: one folder per root key, and debs/, apt/ they share."""
+    return cache.path("roots")
+
+
 def private_apt() -> Apt:
-    return Apt(BUILD / "apt")
+    return Apt(home() / "apt")
 
 
 def fresh_lists(apt: Apt, max_age: float = LISTS_MAX_AGE) -> None:
@@ -302,9 +306,12 @@ def make_ext4(rootfs: Path, image: Path, label: str = "memtrace-root",
 
 
 def build(name: str = "base", extra: list[str] | None = None, newest: bool = False,
-          lock_path: Path = ROOTS_LOCK, out_base: Path = BUILD) -> dict:
+          lock_path: Path = ROOTS_LOCK, out_base: Path | None = None) -> dict:
     """Build (or find cached) the root NAME (+ extra packages); returns its manifest, with
-    ``dir`` set to the directory that holds rootfs/ and root.ext4."""
+    ``dir`` set to the directory that holds rootfs/ and root.ext4.
+
+    Under the lock of ``out_base`` (default the cache item ``roots``): the roots share debs/
+    and apt/, so one build at a time; a root is built in a staging folder renamed into place."""
     if os.geteuid() != 0:
         raise BuildError("building a Debian root needs root (mmdebstrap --mode=root)")
     if shutil.which("mmdebstrap") is None:
@@ -313,7 +320,14 @@ def build(name: str = "base", extra: list[str] | None = None, newest: bool = Fal
     if name not in RECIPES:
         raise BuildError(f"no root recipe {name!r} (known: {', '.join(sorted(RECIPES))})")
     include = sorted(set(RECIPES[name]))
-    apt = private_apt()
+    out_base = out_base or home()
+    with cache.lock_at(out_base):
+        return _build(name, include, extra, newest, lock_path, out_base)
+
+
+def _build(name: str, include: list[str], extra: list[str], newest: bool, lock_path: Path,
+           out_base: Path) -> dict:
+    apt = Apt(out_base / "apt")
     locked = read_roots_lock(lock_path).get(name)
     if newest:
         pinned: dict[str, dict] = {}
@@ -346,10 +360,23 @@ def build(name: str = "base", extra: list[str] | None = None, newest: bool = Fal
         except BuildError:
             apt.update()  # the lists may be older than the lock
             check_locked_served(apt, name, pinned)
-    out.mkdir(parents=True, exist_ok=True)
+    tmp = cache.staging(out)
+    try:
+        manifest = _build_into(tmp, name, include, extra, pinned, lock_path, key, out_base)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    cache.replace(tmp, out)
+    manifest["dir"] = str(out)
+    log(f"done: {out}")
+    return manifest
+
+
+def _build_into(out: Path, name: str, include: list[str], extra: list[str], pinned: dict,
+                lock_path: Path, key: str, out_base: Path) -> dict:
+    """mmdebstrap the root into the staging folder ``out``, its ext4 image and manifest."""
+    newest = not pinned
     rootfs = out / "rootfs"
-    if rootfs.exists():
-        shutil.rmtree(rootfs)
     log(f"building root {name}" + (f" + {','.join(extra)}" if extra else "")
         + f" with mmdebstrap ({'today' if newest else 'locked'} versions) -> {out}")
     t0 = time.monotonic()
@@ -378,9 +405,7 @@ def build(name: str = "base", extra: list[str] | None = None, newest: bool = Fal
         "image": {"path": "root.ext4", "size": (out / "root.ext4").stat().st_size},
         "key": key,
     }
-    manifest_f.write_text(json.dumps(manifest, indent=1) + "\n")
-    manifest["dir"] = str(out)
-    log(f"done: {out}")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 

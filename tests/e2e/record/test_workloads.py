@@ -5,7 +5,7 @@ docker export writes), a raw partitioned disk image and a qcow2 image; a guest w
 /dev/shm left clean and the user's files unchanged.
 
 Real QEMU, the real guest kernel (its virtio, ext4 modules loaded by the init shim) and the real
-agent. The Debian root is built once with mmdebstrap (cached under build/roots/).
+agent. The Debian root is built once with mmdebstrap (cached in the build cache, CACHE/roots/).
 """
 
 from __future__ import annotations
