@@ -181,7 +181,7 @@ def test_killed_qemu_leaves_readable_prefix(tmp_path, plugin, guest):
 @pytest.mark.parametrize("args, message", [
     ("mode=bogus", "mode=bogus"),
     ("epoch=0", "epoch=0"),
-    ("ram_size=3G", "at most 2G"),
+    ("ram_size=65G", "at most 64G"),
     ("ram_size=1000", "multiple of 4096"),
     ("mailbox=0x1f000100", "page-aligned"),
     ("track=sometimes", "track=sometimes"),
