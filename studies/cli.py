@@ -16,19 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from memtrace.analyses.base import positive_int
 from memtrace.studies.cluster import ClusterError
 from memtrace.studies.runner import StudyFailure, StudyRunner, say
 from memtrace.studies.studyfile import Study, StudyError
-
-
-def positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {s!r}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
