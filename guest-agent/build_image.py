@@ -291,13 +291,19 @@ def read_lock(path: Path) -> dict[str, dict[str, object]]:
     return pkgs
 
 
-def write_lock(path: Path, pkgs: dict[str, dict[str, object]]) -> None:
+LOCK_COMMENT = ("The guest's Debian packages, installed exactly (guest-agent/build_image.py). "
+                f"Re-lock with `{RELOCK}`: a deliberate, reviewed commit; traces recorded "
+                "before it keep the versions they were made with in their header.")
+
+
+def write_lock(path: Path, pkgs: dict[str, dict[str, object]], comment: str = LOCK_COMMENT,
+               suite: str = SUITE, arch: str = ARCH) -> None:
+    """Write a lock of Debian packages (the guest's here; QEMU 10's in tracer/qemu10.py), one
+    file replaced at once."""
     doc = {
-        "comment": "The guest's Debian packages, installed exactly (guest-agent/build_image.py). "
-                   f"Re-lock with `{RELOCK}`: a deliberate, reviewed commit; traces "
-                   "recorded before it keep the versions they were made with in their header.",
-        "suite": SUITE,
-        "arch": ARCH,
+        "comment": comment,
+        "suite": suite,
+        "arch": arch,
         "packages": dict(sorted(pkgs.items())),
     }
     tmp = path.with_suffix(".tmp")

@@ -29,6 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from memtrace.guest import build_image
 from memtrace.guest.build_image import KEYRING, MIRROR, Apt, BuildError, deb_path, lock_entry
 from memtrace.guest.build_image import sha256_file as _sha256_file
 from memtrace.tracer import cache
@@ -78,17 +79,10 @@ def read_lock(path: Path = LOCK) -> dict[str, dict[str, object]]:
 
 
 def write_lock(pkgs: dict[str, dict[str, object]], path: Path = LOCK) -> None:
-    doc = {
-        "comment": "QEMU 10 for Debian 12 hosts, unpacked in the memtrace cache "
-                   "(tracer/qemu10.py). "
-                   f"Re-lock with `{RELOCK}`: a deliberate, reviewed commit.",
-        "suite": SUITE,
-        "arch": ARCH,
-        "packages": dict(sorted(pkgs.items())),
-    }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(path)
+    build_image.write_lock(
+        path, pkgs, suite=SUITE, arch=ARCH,
+        comment="QEMU 10 for Debian 12 hosts, unpacked in the memtrace cache "
+                f"(tracer/qemu10.py). Re-lock with `{RELOCK}`: a deliberate, reviewed commit.")
 
 
 def version_dir(version: str) -> Path:
