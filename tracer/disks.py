@@ -18,7 +18,6 @@ guest-agent/initdisk.sh brings its own tools). Throwaway files live in the run's
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memtrace.guest.build_image import sha256_file
 from memtrace.tracer.qemu import Drive, SetupError
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -155,7 +155,7 @@ def tar_root(path: Path, work: Path) -> RootDisk:
     ext4_from_tree(tree, image)
     shutil.rmtree(tree)
     return RootDisk("tar", Drive(image, "raw"),
-                    {"kind": "tar", "path": str(path), "sha256": sha256_of(path)})
+                    {"kind": "tar", "path": str(path), "sha256": sha256_file(path)})
 
 
 def ext4_from_tree(tree: Path, image: Path) -> None:
@@ -276,9 +276,3 @@ def check_not_in_use(path: Path) -> None:
                                  "open for writing; stop it, or copy the image")
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from memtrace.analyses.engine import Replay
+from memtrace.guest.build_image import sha256_file
 from memtrace.tracer.qemu import guest_dir
 from memtrace.traces.format import Kind, MarkOp
 from memtrace.traces.reader import open_trace
@@ -58,14 +59,6 @@ def fingerprint(tree: Path) -> str:
     for p in sorted(tree.rglob("*")):
         st = p.lstat()
         h.update(f"{p.relative_to(tree)} {st.st_size} {st.st_mode} {st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     return h.hexdigest()
 
 
@@ -149,7 +142,7 @@ def test_tar_root_verifies(debian_base, tmp_path):
     tar = tmp_path / "root.tar"
     subprocess.run(["tar", "-C", str(debian_base / "rootfs"), "--numeric-owner", "-cf",
                     str(tar), "."], check=True)
-    digest = sha256(tar)
+    digest = sha256_file(tar)
     out = tmp_path / "tar.mtr"
     p = record("--root", str(tar), "--marks", "workload", "--verify", "-o", str(out),
                "--run", "echo setup; memtrace-mark start; " + PERL_FILL
@@ -157,7 +150,7 @@ def test_tar_root_verifies(debian_base, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "setup" in p.stdout and "done" in p.stdout
     assert ", 0 differ," in p.stderr, p.stderr[-2000:]
-    assert sha256(tar) == digest
+    assert sha256_file(tar) == digest
     with open_trace(out) as t:
         assert t.header["workload"]["root"]["kind"] == "tar"
         assert t.header["workload"]["marks"] == "workload"
@@ -194,14 +187,14 @@ def test_disk_images_raw_and_qcow2(tmp_path):
     qcow = tmp_path / "disk.qcow2"
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(whole), str(qcow)], check=True)
     for image, dev in ((raw, "/dev/vda1"), (qcow, "/dev/vda")):
-        digest = sha256(image)
+        digest = sha256_file(image)
         out = tmp_path / f"{image.suffix[1:]}.mtr"
         p = record("--root", str(image), "--run", "echo on $(hostname); ls /usr/bin/python3",
                    "--serial-log", str(tmp_path / "serial.log"), "-o", str(out))
         assert p.returncode == 0, p.stderr[-3000:]
         assert "/usr/bin/python3" in p.stdout
         assert f"MEMTRACE-ROOT dev={dev} fs=ext4" in (tmp_path / "serial.log").read_text()
-        assert sha256(image) == digest, f"{image} was modified"
+        assert sha256_file(image) == digest, f"{image} was modified"
         with open_trace(out) as t:
             root = t.header["workload"]["root"]
             assert root["kind"] == "image" and root["format"] == ("raw" if image == raw
