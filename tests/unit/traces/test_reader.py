@@ -177,3 +177,16 @@ def test_follow_counts_records_chunks_and_ignores_other_files(sample, tmp_path):
     p = tmp_path / "z.mtr"
     p.write_bytes(b"ZZZZZZZZ" + sample.read_bytes()[8:])
     assert follow(p) == (0, 0, 0)
+
+
+def test_header_without_ram_size_reads_as_zero(tmp_path):
+    """``ram_size`` may be absent (a generator that does not know it): the reader takes 0 and
+    the replay grows its frames from the records, rather than refusing the file."""
+    p = tmp_path / "noram.mtr"
+    with TraceWriter(p, {}) as w:
+        w.time(1, 0)
+        w.page(np.array([3]), np.array([7]), np.array([8]))
+    tr = open_trace(p)
+    assert "ram_size" not in tr.header and tr.ram_size == 0
+    st = Replay(tr, progress=False).run()
+    assert st.contents.lo[st.content[3]] == 7
