@@ -47,8 +47,9 @@ TESTS: dict[str, tuple[str, list[str]]] = {
         "tests/unit/traces/test_reader.py", "tests/unit/traces/test_format_rules.py",
         "tests/unit/analyses/test_promises.py"]),
     "writer": ("traces/writer.py", [
-        "tests/unit/traces/test_reader.py", "tests/unit/traces/test_private.py",
-        "tests/unit/traces/test_format_rules.py", "tests/unit/analyses/test_promises.py"]),
+        "tests/unit/traces/test_writer.py", "tests/unit/traces/test_reader.py",
+        "tests/unit/traces/test_private.py", "tests/unit/traces/test_format_rules.py",
+        "tests/unit/analyses/test_promises.py"]),
     "format": ("traces/format.py", [
         "tests/unit/traces/test_format_doc.py", "tests/unit/traces/test_reader.py",
         "tests/unit/traces/test_format_rules.py", "tests/unit/analyses/test_known_answers.py",
