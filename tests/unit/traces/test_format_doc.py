@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import re
 
+from memtrace.traces import format as fmt
 from memtrace.traces.format import (
+    ADDR_MASK,
+    CHUNK_FLAG_CHECKPOINT,
     CHUNK_HEADER,
     DTYPES,
     FILE_HEADER,
     FORMAT_VERSION,
     INDEX_ENTRY,
+    MAP_DIRTY,
+    MAP_PRESENT,
+    MAP_WRITABLE,
     RECORD_SIZES,
     TRAILER,
     Kind,
+    MarkOp,
+    PageCacheOp,
+    TaskOp,
+    VmaOp,
 )
 from tests.paths import REPO
 
@@ -64,3 +74,33 @@ def test_c_writer_record_sizes_match():
         r"_Static_assert\(sizeof\(struct tw_rec_(\w+)\) == (\d+)", header)}
     table = {k.name: RECORD_SIZES[k] for k in Kind if k not in (Kind.STRINGS, Kind.UNSEEN)}
     assert asserted == table
+
+
+def paragraph(start: str) -> str:
+    """The bullet of FORMAT.md that starts with ``start``, up to the next bullet, on one line."""
+    i = DOC.index(start)
+    return " ".join(DOC[i:DOC.index("\n- ", i)].split())
+
+
+def test_op_numbers_match_doc():
+    """The op numbers the document lists in prose ("1 NEW ... 5 COMM") are the enums' values:
+    the C agent and tracer write them, so a renumbered enum misreads every trace."""
+    for start, enum in (("- **TASK** `op`", TaskOp), ("- **VMA** `op`", VmaOp),
+                        ("- **PAGECACHE** `op`", PageCacheOp), ("- **MARK** `op`", MarkOp)):
+        documented = {name: int(num) for num, name in
+                      re.findall(r"\b(\d+) ([A-Z][A-Z_]+)\b", paragraph(start))}
+        assert documented == {op.name: int(op) for op in enum}, start
+
+
+def test_flag_bits_match_doc():
+    """The bits the document names: chunk flags, MAP flags, VMA vm_flags, WRITE's address."""
+    assert re.search(r"flags \(u16\): bit 0 = checkpoint", DOC)
+    assert CHUNK_FLAG_CHECKPOINT == 1 << 0
+    m = paragraph("- **MAP**")
+    assert "bit 0 = present" in m and "bit 1 = writable" in m and "bit 2 = dirty" in m
+    assert (MAP_PRESENT, MAP_WRITABLE, MAP_DIRTY) == (1 << 0, 1 << 1, 1 << 2)
+    vm = dict(re.findall(r"(VM_[A-Z]+) (0x[0-9a-f]+)", paragraph("- **VMA** `op`")))
+    assert len(vm) == 4
+    assert {k: int(v, 16) for k, v in vm.items()} == {k: getattr(fmt, k) for k in vm}
+    (bits,) = re.findall(r"bits 0-(\d+) RAM address", DOC)
+    assert ADDR_MASK == (1 << (int(bits) + 1)) - 1 == 0x00FF_FFFF_FFFF_FFFF
