@@ -6,10 +6,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from memtrace.analyses.base import Context, Interval
+from memtrace.traces.format import MarkOp
 from memtrace.traces.reader import open_trace
+from memtrace.traces.timebase import GuestClock, Phase, TraceMeta, phases_of
 from tests.helpers import Builder
 from tests.paths import SAMPLES
 
@@ -91,3 +94,33 @@ def test_cut_sample_reports_guest_seconds_not_millions(tmp_path):
     assert 7.8 < s["guest_seconds"] < 8.0
     assert s["oracle_mean"] == pytest.approx(6_189, rel=0.002)
     assert "mean rate" in s["time_base"]
+
+
+def test_x_is_guest_seconds_or_clock_units_from_the_start(tmp_path):
+    """The report's time axis: seconds from the first instant when the trace has them, clock
+    units from the first instant when it does not (scalars and arrays alike)."""
+    tb = clocked(tmp_path / "s.mtr", [(100, 10**9), (200, 2 * 10**9), (300, 5 * 10**9)],
+                 end=400).time_base()
+    assert tb.t_begin == 100 and tb.x(250) == pytest.approx(2.5)
+    assert tb.x(np.array([100, 200, 300])) == pytest.approx([0.0, 1.0, 4.0])
+    tb = clocked(tmp_path / "c.mtr", [(100, 10**9)], end=300).time_base()
+    assert tb.x(300) == 200 and tb.x(np.array([100, 250])).tolist() == [0, 150]
+
+
+def test_clock_without_knots_converts_both_ways():
+    """A ns trace without knots runs at 1e9 units per second, for arrays as for scalars."""
+    c = GuestClock(1e9)
+    assert c.guest(np.array([5e8, 2e9])) == pytest.approx([0.5, 2.0])
+    assert c.trace(np.array([0.5, 2.0])) == pytest.approx([5e8, 2e9])
+    assert c.trace(1.5) == 1.5e9 and c.guest(3e9) == 3.0
+
+
+def test_last_phase_keeps_its_name_to_the_end():
+    """A phase still open at the end of the trace runs to its end, under its own name; STOP
+    closes a phase and time after it belongs to none."""
+    marks = [(10, MarkOp.PHASE, "load"), (50, MarkOp.PHASE, "run")]
+    assert phases_of(TraceMeta([], [], None, None, marks), 90) == [
+        Phase("load", 10, 50), Phase("run", 50, 90)]
+    marks.append((70, MarkOp.STOP, ""))
+    assert phases_of(TraceMeta([], [], None, None, marks), 90) == [
+        Phase("load", 10, 50), Phase("run", 50, 70)]
