@@ -57,6 +57,8 @@ TESTS: dict[str, tuple[str, list[str]]] = {
     "timebase": ("traces/timebase.py", [
         "tests/unit/traces/test_timebase.py", "tests/unit/analyses/test_ksm_guest_time.py"]),
     "engine": ("analyses/engine.py", [
+        "tests/unit/analyses/test_engine.py",
+        "tests/unit/analyses/test_recycling.py::test_ksm_turns_recycling_off",
         "tests/unit/analyses/test_known_answers.py", "tests/unit/traces/test_format_rules.py",
         "tests/unit/analyses/test_promises.py", "tests/unit/analyses/test_snapshots.py"]),
     "state": ("analyses/state.py", [
