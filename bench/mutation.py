@@ -62,8 +62,9 @@ TESTS: dict[str, tuple[str, list[str]]] = {
         "tests/unit/analyses/test_known_answers.py", "tests/unit/traces/test_format_rules.py",
         "tests/unit/analyses/test_promises.py", "tests/unit/analyses/test_snapshots.py"]),
     "state": ("analyses/state.py", [
-        "tests/unit/analyses/test_known_answers.py", "tests/unit/traces/test_format_rules.py",
-        "tests/unit/analyses/test_properties.py", "tests/unit/analyses/test_kernels.py"]),
+        "tests/unit/analyses/test_state.py", "tests/unit/analyses/test_known_answers.py",
+        "tests/unit/traces/test_format_rules.py", "tests/unit/analyses/test_properties.py",
+        "tests/unit/analyses/test_kernels.py", "tests/unit/analyses/test_recycling.py"]),
     "verify": ("tracer/verify.py", [
         "tests/unit/tracer", "tests/unit/analyses/test_promises.py"]),
     "cli": ("analyses/cli.py", [

@@ -152,3 +152,26 @@ def test_content_log_reports_mapped_reference_changes() -> None:
     got = {c: (b, a) for c, b, a in zip(*seen[-1], strict=True)}
     assert got == {ids[0]: (2, 0)}
     assert int(before[ids[0]]) == 2 and int(st.ref_mapped[ids[0]]) == 0
+
+
+def test_content_log_keeps_its_entries_when_it_grows() -> None:
+    """An instant whose blocks change more contents than the log has room for: the log grows in
+    the middle of the instant, and the contents logged before that are still reported (1,200
+    contents, each mapped once, reported 0 -> 1)."""
+    n = 1200
+    st = ReplayState(n)
+    seen: list[dict[int, tuple[int, int]]] = []
+    st.listeners.append(lambda c, b, a: seen.append(
+        dict(zip(c.tolist(), zip(b.tolist(), a.tolist(), strict=True), strict=True))))
+    lo = np.arange(100, 100 + n, dtype=np.uint64)
+    for i in range(0, n, 100):  # small blocks: a small log
+        st.apply_pages(np.arange(i, i + 100), lo[i:i + 100], lo[i:i + 100])
+    st.end_instant()
+    size = len(st._ilog[0])
+    for i in range(0, n, 300):
+        st.apply_maps(_maps([1] * 300, list(range(i, i + 300)), list(range(i, i + 300)),
+                            [True] * 300))
+    assert len(st._ilog[0]) > size  # the log grew inside this instant
+    st.end_instant()
+    ids = st.contents.ids(lo, lo).tolist()
+    assert seen == [{c: (0, 1) for c in ids}]
