@@ -107,3 +107,21 @@ def test_verify_writes_byte_by_byte(tmp_path: Path) -> None:
     assert (res.touched, res.differing, res.first) == (touched - 8, 2, [0x10, 3 * PS + 15])
     res = verify_writes(tmp_path / "w.mtr", path, exclude=(3 * PS, PS))
     assert (res.touched, res.differing, res.first) == (touched - 8, 2, [0x10, PS + 10])
+
+
+def test_both_halves_of_the_hash_are_compared(tmp_path: Path) -> None:
+    """A PAGE record right in its low 64 bits and wrong in its high ones (above or below the
+    page's own): the frame differs. (One trace each: the replay keys contents by the low half.)"""
+    data = filled(7)
+    lo, hi = page_hash(data)
+    ram = tmp_path / "ram"
+    ram.write_bytes(data)
+    for claimed, mismatched in ((hi, []), (hi + 1, [0]), (hi - 1, [0])):
+        w = TraceWriter(tmp_path / "h.mtr", {"ram_size": PS, "source": "synthetic"})
+        w.time(1)
+        w.page(np.array([0]), np.array([lo], dtype=np.uint64), np.array([claimed], np.uint64))
+        w.time(2)
+        w.close()
+        res = verify(tmp_path / "h.mtr", ram)
+        assert (res.frames, res.matched + len(res.mismatched), res.mismatched) == \
+            (1, 1, mismatched), claimed - hi
