@@ -101,9 +101,12 @@ def run(argv: list[str] | None = None) -> int:
     try:
         analyses: list[Analysis] = [c.from_args(a) for c in classes]
         if a.plot:
-            from memtrace.analyses.plot import check_matplotlib
+            from memtrace.analyses.plot import PlotError, check_matplotlib
 
-            check_matplotlib()
+            try:
+                check_matplotlib()
+            except PlotError as e:
+                return fail(str(e))
         trace = open_trace(path)
         for w in trace.warnings:
             print(f"warning: {w}", file=sys.stderr)

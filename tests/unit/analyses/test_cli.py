@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -154,3 +155,24 @@ def test_base_column(trace):
     assert t["columns"][-1] == "relative_to_base_256_pages"
     assert all(abs(row[-1] - row[1] / 256) < 1e-3 for row in t["rows"])
     assert "not a base" in run(trace, "--base", "x", check_rc=2).stderr
+
+
+def test_plot_without_matplotlib_fails_in_one_line_before_the_replay(trace, tmp_path):
+    """matplotlib is optional: without it --plot is one line and status 1 before any replay (no
+    report), and a run without --plot does not need it."""
+    blocker = tmp_path / "site" / "matplotlib"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('not installed, for this test')\n")
+    env = {**os.environ, "PYTHONPATH": str(blocker.parent)}
+
+    def analyze(*args):
+        return subprocess.run([sys.executable, "-m", "memtrace.analyses.cli", str(trace),
+                               "--oracle", "-q", *args], capture_output=True, text=True,
+                              timeout=600, env=env)
+    p = analyze("--plot", str(tmp_path / "o.png"))
+    assert (p.returncode, p.stdout) == (1, "")
+    assert p.stderr == ("trace-analyze: error: matplotlib is not installed; install it with pip "
+                        "install 'memtrace[plot]'\n")
+    assert not (tmp_path / "o.png").exists()
+    p = analyze()
+    assert p.returncode == 0 and "oracle_mean" in p.stdout, p.stderr
