@@ -68,7 +68,8 @@ TESTS: dict[str, tuple[str, list[str]]] = {
     "verify": ("tracer/verify.py", [
         "tests/unit/tracer", "tests/unit/analyses/test_promises.py"]),
     "cli": ("analyses/cli.py", [
-        "tests/unit/analyses/test_promises.py", "tests/unit/analyses/test_cli.py"]),
+        "tests/unit/analyses/test_promises.py", "tests/unit/analyses/test_cli.py",
+        "tests/unit/studies/test_many.py::test_two_traces_one_table_with_the_trace_column"]),
     "report": ("analyses/report.py", [
         "tests/unit/analyses/test_promises.py", "tests/unit/analyses/test_cli.py"]),
 }
