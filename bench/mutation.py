@@ -71,7 +71,8 @@ TESTS: dict[str, tuple[str, list[str]]] = {
         "tests/unit/analyses/test_promises.py", "tests/unit/analyses/test_cli.py",
         "tests/unit/studies/test_many.py::test_two_traces_one_table_with_the_trace_column"]),
     "report": ("analyses/report.py", [
-        "tests/unit/analyses/test_promises.py", "tests/unit/analyses/test_cli.py"]),
+        "tests/unit/analyses/test_report.py", "tests/unit/analyses/test_promises.py",
+        "tests/unit/analyses/test_cli.py"]),
 }
 
 
