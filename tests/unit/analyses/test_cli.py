@@ -74,6 +74,8 @@ def test_bad_inputs_one_line(tmp_path, trace):
         (("--interval", "abc", trace), 2, "not a time"),
         ((trace, "--table", "x"), 2, "--table needs"),
         ((trace, "--format", "csv", "--table", "nope", "-q"), 2, "no table"),
+        ((trace, "--add-checkpoints", "0"), 2, "--add-checkpoints needs N >= 1"),
+        ((trace, "--format", "parquet"), 2, "give its folder with -o DIR"),  # many.py's usage
     ]:
         p = run(*args, check_rc=rc)
         assert needle in p.stderr
