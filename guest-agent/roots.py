@@ -72,7 +72,17 @@ LISTS_MAX_AGE = 24 * 3600  # apt lists older than this are refreshed before an u
 # The recipes: packages on top of minbase. The lock holds the full resolved set of each.
 RECIPES: dict[str, list[str]] = {
     "base": [],
+    # the thesis's desktop (seed chapter 5.1): a framebuffer X server, an Xfce session, Firefox
+    # and LibreOffice Writer per user (trace-record --scenario desktop)
+    "desktop": ["xvfb", "xauth", "x11-utils", "dbus-x11", "xfce4-session", "xfwm4",
+                "xfce4-panel", "xfdesktop4", "xfce4-settings", "fonts-dejavu-core",
+                "firefox-esr", "libreoffice-writer", "procps"],
+    # dedicated game servers: OpenArena (Quake 3 engine; maps decompressed from .pk3 into heap)
+    "game-server": ["openarena-server", "procps"],
 }
+# free room in a recipe's image where its scenario needs more than FREE_SPACE (zero-install
+# copies the applications once per user: 3 users need about 4 GB)
+FREE: dict[str, int] = {"desktop": 8 << 30, "game-server": 4 << 30}
 
 
 def log(msg: str) -> None:
@@ -200,23 +210,28 @@ def check_locked_served(apt: Apt, name: str, pkgs: dict[str, dict]) -> None:
                              f"{relock_cmd(name)} if that is expected")
 
 
-def package_fields(apt: Apt, pkg: str, version: str) -> dict[str, object]:
-    out = subprocess.run(["apt-cache", *apt._opts(), "show", f"{pkg}={version}"],
+def package_fields(apt: Apt, versions: dict[str, str]) -> dict[str, dict[str, object]]:
+    """Lock entries (version, sha256, size, pool file) of the given package versions, from one
+    apt-cache call."""
+    out = subprocess.run(["apt-cache", *apt._opts(), "show", *(f"{p}={v}" for p, v in
+                                                              sorted(versions.items()))],
                          capture_output=True, text=True).stdout
-    fields: dict[str, str] = {}
-    for line in out.splitlines():
-        if not line.strip():
-            if fields:
-                break
-            continue
-        if line[0].isspace():
-            continue
-        k, _, v = line.partition(":")
-        fields[k] = v.strip()
-    if "SHA256" not in fields:
-        raise BuildError(f"{pkg} {version}: the archive has no record of it")
-    return {"version": version, "sha256": fields["SHA256"], "size": int(fields["Size"]),
-            "filename": fields["Filename"]}
+    entries: dict[str, dict[str, object]] = {}
+    for stanza in out.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in stanza.splitlines():
+            if line and not line[0].isspace():
+                k, _, v = line.partition(":")
+                fields.setdefault(k, v.strip())
+        pkg = fields.get("Package")
+        if pkg in versions and fields.get("Version") == versions[pkg] and pkg not in entries:
+            entries[pkg] = {"version": versions[pkg], "sha256": fields["SHA256"],
+                            "size": int(fields["Size"]), "filename": fields["Filename"]}
+    missing = sorted(set(versions) - set(entries))
+    if missing:
+        raise BuildError(f"the archive has no record of {', '.join(missing[:5])} at the "
+                         "installed versions")
+    return entries
 
 
 # ---------------------------------------------------------------- building
@@ -226,7 +241,8 @@ def root_key(name: str, include: list[str], pinned: dict[str, dict], extra: list
              index: str | None) -> str:
     h = hashlib.sha256()
     doc = {"name": name, "include": include, "pinned": pinned, "extra": extra, "index": index,
-           "variant": VARIANT, "epoch": SOURCE_DATE_EPOCH, "free": FREE_SPACE,
+           "variant": VARIANT, "epoch": SOURCE_DATE_EPOCH,
+           "free": FREE.get(name, FREE_SPACE),
            "build": BUILD_VERSION}
     h.update(json.dumps(doc, sort_keys=True).encode())
     return h.hexdigest()[:16]
@@ -391,7 +407,7 @@ def _build_into(out: Path, name: str, include: list[str], extra: list[str], pinn
             raise BuildError(f"root {name}: installed packages differ from the lock: "
                              f"{'; '.join(wrong[:5])}; re-lock with {relock_cmd(name)}")
     log(f"mmdebstrap done in {time.monotonic() - t0:.0f} s; writing root.ext4")
-    make_ext4(rootfs, out / "root.ext4")
+    make_ext4(rootfs, out / "root.ext4", free=FREE.get(name, FREE_SPACE))
     manifest = {
         "name": name,
         "suite": SUITE,
@@ -413,7 +429,7 @@ def lock(name: str, lock_path: Path = ROOTS_LOCK) -> list[str]:
     """Build NAME's recipe with today's versions and write its lock entry; returns the changes."""
     manifest = build(name, newest=True, lock_path=lock_path)
     apt = private_apt()
-    entries = {p: package_fields(apt, p, v) for p, v in manifest["packages"].items()}
+    entries = package_fields(apt, manifest["packages"])
     roots = read_roots_lock(lock_path)
     old = roots.get(name, {}).get("packages", {})
     roots[name] = {"include": manifest["include"], "packages": entries}

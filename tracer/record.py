@@ -34,12 +34,19 @@ from memtrace.tracer.qemu import (
     guest_dir,
     parse_size,
 )
-from memtrace.tracer.workload import Outcome, Workload, add_arguments
+from memtrace.tracer.workload import (
+    DISK_SCENARIOS,
+    Outcome,
+    Workload,
+    add_arguments,
+    default_ram,
+    scenario_as_workload,
+)
 from memtrace.traces.reader import TraceError, follow, open_trace
 from memtrace.traces.writer import mark_incomplete, update_header
 
 SCENARIOS = ("single", "terminal-server", "zero-install", "server-heap", "ksm", "idle", "storm",
-             "interleave")
+             "interleave", *DISK_SCENARIOS)
 DONE = re.compile(rb"MEMTRACE-SCENARIO-DONE rc=(-?\d+)")
 VERSION = "0.1.0"
 
@@ -138,8 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "writes: every store with its value as well")
     ap.add_argument("--epoch", type=parse_epoch, default=10_000_000,
                     help="epoch length in guest instructions (default 10M)")
-    ap.add_argument("--ram", default="512M",
-                    help="guest RAM (default 512M; beyond 2G the machine maps the rest at 4G)")
+    ap.add_argument("--ram", default=None,
+                    help="guest RAM (default 512M; desktop 1G + 1G per user, game-server 1G + "
+                         "512M per server; beyond 2G the machine maps the rest at 4G)")
+    ap.add_argument("--layout", choices=("terminal-server", "zero-install"), default=None,
+                    help="desktop scenario: all users run the installed applications "
+                         "(terminal-server, default) or each their own copy (zero-install)")
     ap.add_argument("--cache", metavar="DIR",
                     help="where built things live: guest image, plugin builds, QEMU 10 (default "
                          "$MEMTRACE_CACHE, else $XDG_CACHE_HOME/memtrace, ~/.cache/memtrace; "
@@ -192,7 +203,13 @@ class Recorder:
         self.stop_reason: str | None = None
         self.stop_event = asyncio.Event()
         self.workload: Workload | None = None
-        if a.run is not None or a.script is not None:
+        a.ram = a.ram or default_ram(a.scenario, a.n)
+        if a.scenario in DISK_SCENARIOS:
+            scenario_as_workload(a)
+            self.workload = Workload(a)
+        elif a.layout is not None:
+            raise SetupError("--layout is a choice of the desktop scenario")
+        elif a.run is not None or a.script is not None:
             if a.scenario is not None:
                 raise SetupError("--scenario runs a built-in workload; --run/--script run your "
                                  "own: give one of them")
@@ -203,7 +220,7 @@ class Recorder:
                              "describe your own workload: add --run CMD or --script FILE")
         else:
             a.scenario = a.scenario or "single"
-        self.label = "workload" if self.workload else a.scenario
+        self.label = a.scenario or "workload"
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -258,8 +275,10 @@ class Recorder:
             if self.workload:
                 header["guest_image"]["initdisk"] = extra.pop("initdisk")
                 header.update(extra)
-            else:
+            if a.scenario:
                 header["scenario"] = {"name": a.scenario, "n": a.n, "smp": a.smp}
+                if a.layout:
+                    header["scenario"]["layout"] = a.layout
             header_path.write_text(json.dumps(header))
             if not a.no_plugin:
                 run.plugin_args = {
@@ -353,6 +372,12 @@ class Recorder:
             raise SetupError(outcome.root_error or outcome.job_error or "")
         if self.stop_reason is None and not finished:
             self.stop_reason = f"QEMU exited (code {rc}) before the {self.label} finished"
+        if (a.scenario and outcome is not None and outcome.exit_status not in (None, 0)
+                and self.stop_reason is None):
+            # a scenario script that fails says why on its last line
+            last = wl.console.last_line() if wl and wl.console else ""
+            self.stop_reason = (f"the {a.scenario} scenario failed (exit status "
+                                f"{outcome.exit_status}" + (f": {last}" if last else "") + ")")
         if outcome is not None and outcome.exit_status == 127 and self.stop_reason is None:
             last = wl.console.last_line() if wl and wl.console else ""
             self.stop_reason = ("the command was not found in the guest (exit status 127"
@@ -375,9 +400,9 @@ class Recorder:
             if outcome is not None and out.exists():
                 self._header_exit_status(out, outcome.exit_status)
         status = "ok" if not self.stop_reason else f"INCOMPLETE: {self.stop_reason}"
-        what = f"{a.scenario} n={a.n}" if outcome is None else (
-            "workload" + ("" if outcome.exit_status is None
-                          else f" (exit status {outcome.exit_status})"))
+        what = f"{a.scenario} n={a.n}" if a.scenario else "workload"
+        if outcome is not None and outcome.exit_status is not None:
+            what += f" (exit status {outcome.exit_status})"
         print(f"trace-record: {what}: {status}; wall {wall:.1f} s"
               + ("" if a.no_plugin else f"; trace {out} ({out.stat().st_size / 1e6:.1f} MB)"),
               file=sys.stderr)

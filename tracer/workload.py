@@ -293,3 +293,40 @@ def _stdout() -> Any:
     import sys
 
     return sys.stdout
+
+
+# The thesis's scenarios on real software (guest-agent/workloads/): scripts run like --script in
+# their locked Debian root, bracketing themselves (their set-up is not traced).
+WORKLOADS = Path(__file__).resolve().parent.parent / "guest-agent" / "workloads"
+DISK_SCENARIOS = {"desktop": "debian:desktop", "game-server": "debian:game-server"}
+
+
+def default_ram(scenario: str | None, n: int) -> str:
+    """Guest RAM when --ram is not given: room for N users or servers."""
+    if scenario == "desktop":
+        return f"{1024 + 1024 * n}M"
+    if scenario == "game-server":
+        return f"{1024 + 512 * n}M"
+    return "512M"
+
+
+def scenario_as_workload(a: Any) -> None:
+    """Fill in the workload options of a disk scenario (--scenario desktop / game-server)."""
+    if a.run is not None or a.script is not None:
+        raise SetupError(f"--scenario {a.scenario} runs its own script; drop --run/--script")
+    if a.marks != "command":
+        raise SetupError(f"--scenario {a.scenario} marks its own phases; drop --marks")
+    if a.layout is not None and a.scenario != "desktop":
+        raise SetupError("--layout is a choice of the desktop scenario")
+    a.script = WORKLOADS / f"{a.scenario}.sh"
+    a.root = a.root or DISK_SCENARIOS[a.scenario]
+    a.copy = [f"{WORKLOADS}:/usr/share/memtrace", *a.copy]
+    env = [f"N={a.n}"]
+    if a.scenario == "desktop":
+        a.layout = a.layout or "terminal-server"
+        env.append(f"LAYOUT={a.layout}")
+    if a.settle:
+        env.append(f"SETTLE={a.settle:g}")
+    a.env = [*env, *a.env]
+    a.settle = 0.0  # the script settles inside its bracket
+    a.marks = "workload"

@@ -267,3 +267,66 @@ def test_bad_input_in_the_guest(debian_base, tmp_path):
     st = Replay(open_trace(out), progress=False).run()
     assert st.incomplete and "timeout" in st.incomplete
     assert not shm_files(p.pid)
+
+
+def exec_paths(path: Path) -> set[str]:
+    from memtrace.traces.format import TaskOp
+
+    out: set[str] = set()
+    with open_trace(path) as t:
+        for ch in t.iter_chunks():
+            for kind, rec in ch.blocks:
+                if kind == Kind.TASK:
+                    out |= {ch.string(r["name"]) or "" for r in rec if r["op"] == TaskOp.EXEC}
+    return out
+
+
+def test_desktop_one_user(tmp_path):
+    """The thesis's desktop on the real software, one user (the sizes of Table 5.1 are
+    documented commands: README): Xvfb, an Xfce session, Firefox ESR with the local page,
+    LibreOffice Writer with the document, in the locked Debian root; phases; 0 differing
+    frames."""
+    if os.geteuid() != 0:
+        pytest.skip("building the desktop root needs root (mmdebstrap)")
+    out = tmp_path / "desktop.mtr"
+    p = record("--scenario", "desktop", "-n", "1", "--settle", "5", "--verify", "-o", str(out),
+               timeout=5400)
+    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-3000:]
+    assert "desktop n=1 (exit status 0): ok" in p.stderr and ", 0 differ," in p.stderr
+    assert "firefox up" in p.stdout and "writer up" in p.stdout
+    with open_trace(out) as t:
+        assert t.header["scenario"] == {"name": "desktop", "n": 1, "layout": "terminal-server"}
+        assert t.header["workload"]["root"]["name"] == "desktop"
+        assert "firefox-esr" in t.header["workload"]["root"]["packages"]
+    st = Replay(open_trace(out), progress=False).run()
+    phases = [name for _, op, name in st.marks if op == MarkOp.PHASE]
+    assert phases == ["x", "session", "firefox", "writer", "settle"], phases
+    assert st.counters["desktop.users"] == 1 and "guest.clock_ns" in st.counters
+    execs = exec_paths(out)
+    for prog in ("/usr/bin/Xvfb", "/usr/bin/xfwm4", "/usr/lib/firefox-esr/firefox-esr",
+                 "/usr/lib/libreoffice/program/soffice.bin"):
+        assert prog in execs, sorted(execs)
+    f = st.figures()
+    assert f["no_sharing"] > f["mmap_fork"] > f["ksm_hint_all"] >= f["full_cbps"] > 0
+    # a desktop user maps far more than the miniature scenarios: over 200 MiB
+    assert f["mmap_fork"] * 4096 > 200 << 20, f
+    assert not shm_files(p.pid)
+
+
+def test_game_server_one(tmp_path):
+    """A dedicated OpenArena server from its own copy of the game tree, loading a map whose data
+    the engine decompresses from the .pk3 into its heap; 0 differing frames."""
+    if os.geteuid() != 0:
+        pytest.skip("building the game-server root needs root (mmdebstrap)")
+    out = tmp_path / "game.mtr"
+    p = record("--scenario", "game-server", "-n", "1", "--settle", "3", "--verify",
+               "-o", str(out), timeout=3600)
+    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-3000:]
+    assert ", 0 differ," in p.stderr and "oasago2 loaded" in p.stdout
+    st = Replay(open_trace(out), progress=False).run()
+    assert [name for _, op, name in st.marks if op == MarkOp.PHASE] == ["load", "settle"]
+    assert "/srv/game1/ioq3ded" in exec_paths(out)
+    # the map is in the server's heap: anonymous pages, far more than the engine's own
+    f = st.figures()
+    assert f["mmap_fork"] * 4096 > 32 << 20, f
+    assert not shm_files(p.pid)
