@@ -149,6 +149,10 @@ static unsigned int dump_wait_ms = 5000;
 module_param(dump_wait_ms, uint, 0644);
 MODULE_PARM_DESC(dump_wait_ms,
 		 "ms a state dump waits for ring space while the tracer makes no progress");
+static unsigned int stop_wait_ms = 5000;
+module_param(stop_wait_ms, uint, 0644);
+MODULE_PARM_DESC(stop_wait_ms,
+		 "ms a 'stop' waits for the tracer to consume it (0: return at once)");
 static char *dump_fs = "tmpfs,ramfs,devtmpfs";
 module_param(dump_fs, charp, 0444);
 MODULE_PARM_DESC(dump_fs, "file system types whose page cache the state dump walks");
@@ -279,6 +283,30 @@ static void mta_dump_wait(struct mta_dump *d, u32 need)
 			break;
 		}
 		usleep_range(200, 500);
+	}
+}
+
+/*
+ * `stop` returns once the tracer has consumed the MARK STOP: the trace ends where the workload
+ * said, not up to an epoch later (10M instructions: enough for a script to exit and the init
+ * shim to kill the workload's servers, whose teardown the trace's last state would then show).
+ * Sleeping lets the vCPU idle, and the tracer drains the ring at once when it idles, else at
+ * its next epoch end. A ring nobody has ever consumed (tail 0: no tracer, e.g. trace-record
+ * --no-plugin) is not waited for; stop_wait_ms bounds the wait otherwise.
+ */
+static void mta_stop_wait(void)
+{
+	u64 target = READ_ONCE(mta_head);
+	unsigned long deadline = jiffies + msecs_to_jiffies(stop_wait_ms);
+
+	if (!READ_ONCE(mta_ctrl->tail))
+		return;
+	while (READ_ONCE(mta_ctrl->tail) < target) {
+		if (time_after(jiffies, deadline)) {
+			pr_warn("stop: the tracer did not consume it in %u ms\n", stop_wait_ms);
+			return;
+		}
+		usleep_range(500, 1000);
 	}
 }
 
@@ -1029,6 +1057,7 @@ static ssize_t mta_command(const char __user *ubuf, size_t count, bool marks_onl
 		mta_mark(MARK_START, 0, "");
 	} else if (!strcmp(cmd, "stop")) {
 		mta_mark(MARK_STOP, 0, "");
+		mta_stop_wait();
 	} else if (!strcmp(cmd, "dump")) {
 		mta_state_dump();
 	} else if (!strcmp(cmd, "phase") && arg && *arg) {

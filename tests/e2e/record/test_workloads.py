@@ -22,7 +22,7 @@ import pytest
 from memtrace.analyses.engine import Replay
 from memtrace.guest.build_image import sha256_file
 from memtrace.tracer.qemu import guest_dir
-from memtrace.traces.format import Kind, MarkOp
+from memtrace.traces.format import Kind, MarkOp, TaskOp
 from memtrace.traces.reader import open_trace
 from tests.e2e.record.test_record import record, shm_files
 
@@ -144,9 +144,12 @@ def test_tar_root_verifies(debian_base, tmp_path):
                     str(tar), "."], check=True)
     digest = sha256_file(tar)
     out = tmp_path / "tar.mtr"
+    # `memtrace-mark stop` returns once the tracer has the STOP: the sleep killed right after
+    # it is alive in the trace (without the wait, its EXIT fell into the epoch that carried STOP)
     p = record("--root", str(tar), "--marks", "workload", "--verify", "-o", str(out),
                "--run", "echo setup; memtrace-mark start; " + PERL_FILL
-               + "; memtrace-mark phase after; echo done")
+               + "; memtrace-mark phase after; sleep 600 & memtrace-mark stop; kill $!; "
+               "echo done")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "setup" in p.stdout and "done" in p.stdout
     assert ", 0 differ," in p.stderr, p.stderr[-2000:]
@@ -156,7 +159,10 @@ def test_tar_root_verifies(debian_base, tmp_path):
         assert t.header["workload"]["marks"] == "workload"
     st = Replay(open_trace(out), progress=False).run()
     ops = [(op, name) for _, op, name in st.marks]
-    assert (MarkOp.PHASE, "after") in ops and ops[-1][0] == MarkOp.STOP  # the job's STOP
+    assert (MarkOp.PHASE, "after") in ops and ops[-1][0] == MarkOp.STOP  # the workload's STOP
+    sleeps = task_pids(out, TaskOp.EXEC, "sleep")
+    assert len(sleeps) == 1, sleeps
+    assert not sleeps & task_pids(out, TaskOp.EXIT), "the sleep's exit is in the trace"
     assert not shm_files(p.pid)
 
 
@@ -269,9 +275,19 @@ def test_bad_input_in_the_guest(debian_base, tmp_path):
     assert not shm_files(p.pid)
 
 
-def exec_paths(path: Path) -> set[str]:
-    from memtrace.traces.format import TaskOp
+def task_pids(path: Path, op: int, name_end: str = "") -> set[int]:
+    """Pids of the TASK records of one op (whose name ends with name_end, when given)."""
+    out: set[int] = set()
+    with open_trace(path) as t:
+        for ch in t.iter_chunks():
+            for kind, rec in ch.blocks:
+                if kind == Kind.TASK:
+                    out |= {int(r["pid"]) for r in rec if r["op"] == op
+                            and (ch.string(r["name"]) or "").endswith(name_end)}
+    return out
 
+
+def exec_paths(path: Path) -> set[str]:
     out: set[str] = set()
     with open_trace(path) as t:
         for ch in t.iter_chunks():

@@ -25,6 +25,14 @@ def record(*args: str) -> subprocess.CompletedProcess[str]:
     (["--qemu", "/nonexistent/qemu"], 1, "--qemu /nonexistent/qemu: no such file"),
     (["--timeout", "0"], 1, "--timeout 0: give a positive number of seconds"),
     (["--scenario", "nope"], 2, "argument --scenario: invalid choice"),
+    (["--layout", "zero-install"], 1, "--layout is a choice of the desktop scenario"),
+    (["--scenario", "game-server", "--layout", "zero-install"], 1,
+     "--layout is a choice of the desktop scenario"),
+    (["--scenario", "desktop", "--layout", "thin-client"], 2, "argument --layout: invalid"),
+    (["--scenario", "desktop", "--run", "true"], 1,
+     "--scenario desktop runs its own script; drop --run/--script"),
+    (["--scenario", "game-server", "--marks", "workload"], 1,
+     "--scenario game-server marks its own phases; drop --marks"),
 ])
 def test_bad_input_is_one_line(args, rc, says, tmp_path):
     p = record(*args)
