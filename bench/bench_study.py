@@ -28,7 +28,8 @@ BIN = Path(sys.executable).parent
 
 def study(out: Path, workers: int, repeats: int) -> tuple[float, pd.DataFrame]:
     t0 = time.monotonic()
-    p = subprocess.run([str(BIN / "trace-study"), "thesis", "--repeats", str(repeats),
+    p = subprocess.run([str(BIN / "trace-study"), "thesis", "--miniatures", "--repeats",
+                        str(repeats),
                         "--workers", str(workers), "-o", str(out), "-q"], cwd=ROOT,
                        capture_output=True, text=True, timeout=7200)
     wall = time.monotonic() - t0
@@ -41,7 +42,7 @@ def sequential(out: Path, repeats: int) -> float:
     """The study's commands, one after another, no Dask."""
     from memtrace.studies.thesis import thesis_study
 
-    st = thesis_study(repeats=repeats)
+    st = thesis_study(repeats=repeats, miniatures=True)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     for s in st.runs():

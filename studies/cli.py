@@ -1,7 +1,7 @@
 """trace-study: many recordings and analyses on Dask, the results as a Parquet dataset.
 
     trace-study STUDY.toml          a study file (memtrace.studies.studyfile says what it holds)
-    trace-study thesis [--quick]    the thesis's evaluation (Tables 5.1-5.3) and its report
+    trace-study thesis [--quick] [--miniatures]   the thesis's evaluation (Tables 5.1-5.3)
 
 Runs go on a LocalCluster sized to this machine (one guest per core, as memory allows), or on
 an existing Dask cluster with --scheduler. Running a study again skips its finished runs.
@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("study", help="a study file (.toml), or 'thesis' for the built-in study")
     ap.add_argument("--quick", action="store_true",
                     help="thesis: one run per configuration instead of six (for CI)")
+    ap.add_argument("--miniatures", action="store_true",
+                    help="thesis: the miniature scenarios (Python per user, server-heap) "
+                         "instead of the desktop and game servers on real software: minutes "
+                         "instead of hours (CI)")
     ap.add_argument("--repeats", type=positive_int, default=None, metavar="K",
                     help="runs of every configuration (overrides the study's)")
     ap.add_argument("-o", "--out", metavar="DIR",
@@ -51,10 +55,10 @@ def load_study(a: argparse.Namespace) -> Study:
     if a.study == "thesis":
         from memtrace.studies.thesis import thesis_study
 
-        return thesis_study(quick=a.quick, repeats=a.repeats)
-    if a.quick:
-        raise StudyError(a.study, 0, "", "--quick is for the built-in thesis study; give "
-                         "--repeats for a study file")
+        return thesis_study(quick=a.quick, repeats=a.repeats, miniatures=a.miniatures)
+    if a.quick or a.miniatures:
+        raise StudyError(a.study, 0, "", "--quick and --miniatures are for the built-in "
+                         "thesis study; give --repeats for a study file")
     from memtrace.studies.studyfile import load
 
     return load(a.study, a.repeats)

@@ -444,6 +444,10 @@ def expand_run(study: Study, w: Workload, params: dict[str, Any], repeat: int) -
             assert opt is not None
             argv += to_argv(opt, opts[opt], v)
         ns = record_parser().parse_args(argv)
+        if ns.ram is None:  # trace-record sizes the guest by scenario: the key says how much
+            from memtrace.tracer.workload import default_ram
+
+            ns.ram = default_ram(ns.scenario, ns.n)
         return RunSpec(w.name, w.scenario, params, repeat, argv,
                        canonical(ns, RECORD_RESERVED))
     fill = {k: str(v) for k, v in params.items()} | {"repeat": str(repeat)}

@@ -8,15 +8,17 @@ the continuous view and the KSM model at the kernel's default settings (100 page
 over every anonymous page, as the thesis's "KSM hint all" assumes (``--ksm-scope anon``: the
 scenarios madvise nothing, so the default scope would merge nothing).
 
-The thesis ran desktop sessions (Xfce, Firefox, LibreOffice) and CS:GO servers; this project's
-scenarios are miniatures of them. Where a scenario closer to the thesis's exists in the
-installed trace-record (``game-server`` for the game server), the study uses it; otherwise it
-uses the closest one and the report says so (``STAND_INS``).
+The thesis ran desktop sessions (Xfce, Firefox, LibreOffice) and CS:GO servers. The study runs
+them on real software: trace-record's ``desktop`` scenario (``--layout terminal-server`` and
+``zero-install``) and ``game-server`` (OpenArena servers). A desktop user takes minutes of
+emulated time to come up, so ``miniatures=True`` (``trace-study thesis --miniatures``, what CI
+runs) swaps in the miniature scenarios (Python interpreters per user, ``server-heap``), and the
+report says so (``STAND_INS``).
 """
 
 from __future__ import annotations
 
-from memtrace.studies.studyfile import Study, parse, scenarios
+from memtrace.studies.studyfile import Study, parse
 
 #: the thesis's published figures (DESIGN.md, "The thesis's published figures")
 FIGURES = ("no_sharing", "mmap_fork", "ksm_hint_all", "full_cbps")
@@ -37,47 +39,42 @@ TABLE_5_3 = {"no_sharing": (1.00, 2.00, 3.00), "mmap_fork": (1.00, 1.99, 2.97),
              "ksm_hint_all": (0.97, 1.44, 1.90), "full_cbps": (0.97, 1.34, 1.70)}
 TABLE_5_3_BASE_MIB = 147
 
-#: the thesis's workloads -> (the scenario we would like, the stand-in used until it exists)
-WANTED = {"terminal-server": ("desktop", "terminal-server"),
-          "zero-install": ("desktop", "zero-install"),
-          "game-server": ("game-server", "server-heap")}
+#: the thesis's workloads -> (scenario, its trace-record options) on real software
+REAL = {"terminal-server": ("desktop", {"layout": "terminal-server"}),
+        "zero-install": ("desktop", {"layout": "zero-install"}),
+        "game-server": ("game-server", {})}
+#: the thesis's workloads -> the miniature scenario that stands in for it
+MINIATURES = {"terminal-server": "terminal-server", "zero-install": "zero-install",
+              "game-server": "server-heap"}
 STAND_INS = {
     "terminal-server": "the thesis's terminal server ran a desktop session per user (Xfce, "
                        "Firefox, LibreOffice from one installation); the `terminal-server` "
-                       "scenario runs one Python interpreter per user from one installation",
+                       "miniature runs one Python interpreter per user from one installation",
     "zero-install": "the thesis's zero-install case ran each user's desktop applications "
-                    "from a copy of their own; the `zero-install` scenario runs one Python "
+                    "from a copy of their own; the `zero-install` miniature runs one Python "
                     "interpreter per user, each from its own copy of python and its libraries",
-    "game-server": "the thesis ran CS:GO servers (map data decompressed into the heap); "
-                   "until a `game-server` scenario exists the study uses `server-heap` "
-                   "(processes reading the same data file into anonymous memory)",
+    "game-server": "the thesis ran CS:GO servers (map data decompressed into the heap); the "
+                   "`server-heap` miniature runs processes reading the same data file into "
+                   "anonymous memory",
 }
 REPEATS = 6  # the thesis's median of 6 runs
 
 
-def scenario_for(workload: str, offered: tuple[str, ...]) -> str:
-    """The scenario the study records for a thesis workload: the wanted one when trace-record
-    offers it and it plays this workload (a ``desktop`` scenario does not tell a terminal
-    server from a zero-install one, so those keep their own), else the stand-in."""
-    wanted, stand_in = WANTED[workload]
-    if workload == "game-server" and wanted in offered:
-        return wanted
-    return stand_in
-
-
-def thesis_study(quick: bool = False, repeats: int | None = None) -> Study:
-    """The study: every configuration ``repeats`` times (6, or 1 with ``quick``)."""
-    offered = scenarios()
+def thesis_study(quick: bool = False, repeats: int | None = None,
+                 miniatures: bool = False) -> Study:
+    """The study: every configuration ``repeats`` times (6, or 1 with ``quick``), on the real
+    software or (``miniatures``) on the miniature scenarios."""
     k = repeats or (1 if quick else REPEATS)
     lines = ["[study]", 'name = "thesis"', f"repeats = {k}", ""]
-    for w in WANTED:
-        lines += ["[[workload]]", f'name = "{w}"',
-                  f'scenario = "{scenario_for(w, offered)}"', "n = [1, 2, 3]", ""]
+    for w, (scenario, opts) in REAL.items():
+        if miniatures:
+            scenario, opts = MINIATURES[w], {}
+        lines += ["[[workload]]", f'name = "{w}"', f'scenario = "{scenario}"', "n = [1, 2, 3]"]
+        lines += [f'{key} = "{value}"' for key, value in opts.items()] + [""]
     lines += ["[analyses.sharing]", "[analyses.oracle]", "[analyses.snapshot_vs_continuous]",
               "[analyses.ksm]", 'scope = "anon"', ""]
     study = parse("\n".join(lines), "<built-in thesis study>")
     study.builtin = "thesis"
-    for w in study.workloads:
-        if w.scenario != WANTED[w.name][0]:
-            study.notes.append(STAND_INS[w.name])
+    if miniatures:
+        study.notes += [STAND_INS[w] for w in REAL]
     return study

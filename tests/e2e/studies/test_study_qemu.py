@@ -97,11 +97,12 @@ def test_tiny_real_study_on_two_workers_interrupted_and_resumed(tmp_path, say):
 
 
 def test_thesis_quick(tmp_path, say):
-    """trace-study thesis --quick: every configuration once, the report with its tables; the
-    thesis's qualitative findings hold on the miniatures."""
+    """trace-study thesis --quick --miniatures: every configuration once, the report with its
+    tables; the thesis's qualitative findings hold on the miniatures."""
     out = tmp_path / "thesis"
     t0 = time.monotonic()
-    r = subprocess.run([str(BIN / "trace-study"), "thesis", "--quick", "-o", str(out),
+    r = subprocess.run([str(BIN / "trace-study"), "thesis", "--quick", "--miniatures",
+                        "-o", str(out),
                         "--workers", "2", "-q"], capture_output=True, text=True,
                        timeout=3600, cwd=REPO)
     assert r.returncode == 0, r.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from memtrace.studies.report import Runs, table_5_1, table_5_2, table_5_3, write_thesis_report
+from memtrace.studies.runkeys import run_key
 from memtrace.studies.thesis import STAND_INS, thesis_study
 
 
@@ -64,17 +65,34 @@ def test_tables_5_2_and_5_3():
 
 
 def test_report_names_the_stand_in_scenarios(tmp_path):
-    study = thesis_study(quick=True)
+    study = thesis_study(quick=True, miniatures=True)
     assert [w.scenario for w in study.workloads] == [
         "terminal-server", "zero-install", "server-heap"]
     assert STAND_INS["game-server"] in study.notes
-    assert len(study.runs()) == 9 and len(thesis_study().runs()) == 54
+    assert len(study.runs()) == 9 and len(thesis_study(miniatures=True).runs()) == 54
     runner = SimpleNamespace(study=study, runs=[
         run(w, n, doc(100 * n, 90 * n, 80 * n, 70 * n, oracle_mean=60 * n, saved=5))
         for w in ("terminal-server", "zero-install", "game-server") for n in (1, 2, 3)])
     md = write_thesis_report(tmp_path, runner).read_text()
-    assert "until a `game-server` scenario exists the study uses `server-heap`" in md
+    assert "the `server-heap` miniature runs processes reading the same data file" in md
     for png in ("fig-5.3-terminal-server.png", "fig-5.4-zero-install.png",
                 "fig-5.5-game-server.png"):
         assert f"]({png})" in md
         assert (tmp_path / "report" / png).stat().st_size > 10_000
+
+
+def test_thesis_on_real_software():
+    """By default the thesis's study records the desktop (both layouts) and the game servers:
+    trace-record's own scenarios, sized by it (desktop 1G + 1G per user), no stand-in notes."""
+    study = thesis_study(quick=True)
+    assert [(w.name, w.scenario, w.params.get("layout")) for w in study.workloads] == [
+        ("terminal-server", "desktop", "terminal-server"),
+        ("zero-install", "desktop", "zero-install"), ("game-server", "game-server", None)]
+    assert study.notes == []
+    runs = {(s.workload, s.params["n"]): s for s in study.runs()}
+    assert len(runs) == 9
+    zi3 = runs[("zero-install", 3)]
+    assert zi3.argv[:2] == ["--scenario", "desktop"] and "--layout" in zi3.argv
+    assert zi3.canonical["layout"] == "zero-install" and zi3.canonical["ram"] == "4096M"
+    assert runs[("game-server", 2)].canonical["ram"] == "2048M"
+    assert run_key(runs[("terminal-server", 1)], None) != run_key(runs[("zero-install", 1)], None)
