@@ -16,6 +16,8 @@ starting at once build it once: the second waits, then finds it up to date. A bu
 new version into ``staging(dest)`` (a sibling folder) and ``replace(staging, dest)`` renames it
 into place, so a reader never sees half a build and a killed build leaves only a stray
 ``.NAME.new-PID`` folder (removed by the next build of that item and by ``trace-cache --clean``).
+trace-record holds the guest image's and the plugin's locks shared from reading the manifest
+until QEMU exits, so a rebuild of either waits for the recordings that use them.
 """
 
 from __future__ import annotations

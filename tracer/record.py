@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -240,13 +241,22 @@ class Recorder:
         if not a.no_plugin:
             plugin = Path(a.plugin).resolve() if a.plugin else qemus.ensure_plugin(q)
             qemus.preflight(q, plugin, a.smp)  # before the guest: one line if anything is off
-        manifest = guest_image()
+        guest_image()
+        if self.workload:
+            self.workload.build_initdisk(guest_dir())
         agent = a.agent == "on" or (a.agent == "auto" and not a.no_plugin)
         if self.workload and a.track == "callbacks":
             raise SetupError("--track callbacks cannot see disk DMA into guest RAM: a workload on "
                              "a disk needs write-protect tracking (--track pagemap)")
-        with tempfile.TemporaryDirectory(prefix="trace-record-") as tmp:
-            work = Path(tmp)
+        with contextlib.ExitStack() as held:
+            # the guest image and the plugin are read-locked until QEMU exits: a rebuild (other
+            # sources sharing this cache) waits instead of replacing the files between the
+            # manifest read here and QEMU opening them
+            held.enter_context(cache.lock_at(guest_dir(), shared=True))
+            if plugin is not None and not a.plugin:
+                held.enter_context(cache.lock_at(plugin.parent, shared=True))
+            manifest = guest_image(build=False)
+            work = Path(held.enter_context(tempfile.TemporaryDirectory(prefix="trace-record-")))
             files = manifest.get("files", {})
             run = GuestRun(kernel=guest_dir() / files.get("bzImage", {}).get("path", "bzImage"),
                            initrd=guest_dir() / files.get("initramfs", {}).get("path",

@@ -260,21 +260,29 @@ class Workload:
         self.console: ConsoleFollower | None = None
         self.root_header: dict[str, Any] = {}
         self.guest_root: Path | None = None
+        self.initdisk: dict | None = None
 
     @property
     def name(self) -> str:
         return "workload"
 
-    def prepare(self, guest_dir: Path, work: Path) -> tuple[Path, list[Drive], Path, dict]:
-        """Build what the run needs: (initramfs, disks, console file, header additions)."""
+    def build_initdisk(self, guest_dir: Path) -> dict:
+        """The disk-root initramfs beside the guest image, built if stale (under the guest
+        image's lock, so before trace-record read-locks the image for the run)."""
         from memtrace.guest.build_image import BuildError
         from memtrace.guest.initdisk import build as build_initdisk
-        from memtrace.tracer.disks import prepare_root
 
         try:
-            initdisk = build_initdisk(guest_dir)
+            self.initdisk = build_initdisk(guest_dir)
         except BuildError as e:
             raise SetupError(str(e).removeprefix("build_image: error: ")) from None
+        return self.initdisk
+
+    def prepare(self, guest_dir: Path, work: Path) -> tuple[Path, list[Drive], Path, dict]:
+        """Build what the run needs: (initramfs, disks, console file, header additions)."""
+        from memtrace.tracer.disks import prepare_root
+
+        initdisk = self.initdisk or self.build_initdisk(guest_dir)
         root = prepare_root(self.root_spec, self.packages, work)
         self.root_header, self.guest_root = root.header, root.guest_root
         job = job_disk(self.job, work)

@@ -7,6 +7,7 @@ Real QEMU, the real guest image and plugin; nothing depends on wall-clock speed.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from memtrace.analyses.engine import Replay
+from memtrace.tracer.qemu import guest_dir
 from memtrace.traces.reader import follow, open_trace
 from tests.e2e.record.test_record import shm_files
 from tests.paths import REPO
@@ -60,6 +62,17 @@ def alive(pid: int) -> bool:
         return False
 
 
+def could_lock_exclusively(item: Path) -> bool:
+    """Whether a builder could take the cache item's lock now (tracer/cache.py)."""
+    with open(item.parent / ".locks" / f"{item.name}.lock", "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return True
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_recording(tmp_path: Path, sig: signal.Signals) -> None:
     """A guest that never powers off (the idle scenario leaves a shell on the console), traced
@@ -87,6 +100,8 @@ def test_signal_mid_recording(tmp_path: Path, sig: signal.Signals) -> None:
         ram = shm_files(proc.pid)
         assert ram and {oct(stat.S_IMODE(os.stat(f).st_mode)) for f in ram} == {"0o600"}, \
             "guest RAM in /dev/shm readable by others"
+        # the guest image is read-locked while QEMU runs: a rebuild would wait
+        assert not could_lock_exclusively(guest_dir()), "the guest image is not read-locked"
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=600)
     finally:
