@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 export MEMTRACE_CACHE="$PWD/build"
 bash scripts/setup.sh
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=30 "$@"
