@@ -51,6 +51,11 @@ if [ "$LAYOUT" = zero-install ]; then
 		mkdir -p "$r/run/memtrace" && mount --bind /run/memtrace "$r/run/memtrace"
 	done
 fi
+# the X servers' socket folder, made once here: X servers started at once race to create it,
+# and the losers (EEXIST) run without a socket
+for i in $(seq 1 "$N"); do
+	install -d -m 1777 "$(root_of "$i")/tmp/.X11-unix"
+done
 sync
 echo 3 > /proc/sys/vm/drop_caches  # the copies leave the page cache as it was before them
 
@@ -68,7 +73,10 @@ wait_window() {
 		grep -q "$2"; do
 		sleep 1
 		t=$((t + 1))
-		[ $t -lt "$WAIT" ] || fail "no window '$2' on :$1 after $WAIT s (see /tmp/desktop-u$1.log)"
+		if [ $t -ge "$WAIT" ]; then
+			tail -20 "/tmp/desktop-u$1.log" >&2
+			fail "no window '$2' on :$1 after $WAIT s"
+		fi
 	done
 }
 
@@ -84,7 +92,10 @@ for i in $(seq 1 "$N"); do
 	until [ -e "$(root_of "$i")/tmp/.X11-unix/X$i" ]; do
 		sleep 1
 		t=$((t + 1))
-		[ $t -lt "$WAIT" ] || fail "X server :$i did not start"
+		if [ $t -ge "$WAIT" ]; then
+			tail -20 "/tmp/desktop-x$i.log" >&2
+			fail "X server :$i did not start"
+		fi
 	done
 done
 memtrace-mark phase session
