@@ -31,6 +31,8 @@ VERIFIED = {
     "server-heap": "test_record.py::test_attribution_finds_the_data_and_the_binary",
     "ksm": "test_ksm_validation.py::ksm_trace",
     "interleave": "test_smp.py::test_two_vcpus_stores_and_events_in_order",
+    "desktop": "test_workloads.py::test_desktop_one_user",
+    "game-server": "test_workloads.py::test_game_server_one",
     **{name: f"test_scenarios_verify.py::test_scenario_verifies[{name}]" for name in HERE},
 }
 
