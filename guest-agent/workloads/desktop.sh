@@ -20,6 +20,7 @@ ASSETS=/usr/share/memtrace
 export LANG=C.UTF-8
 log() { echo "desktop: $*"; }
 fail() { echo "desktop: error: $*" >&2; exit 1; }
+. $ASSETS/wait.sh
 
 # ---- set-up (not traced) ---------------------------------------------------------------------
 [ "$LAYOUT" = terminal-server ] || [ "$LAYOUT" = zero-install ] ||
@@ -66,18 +67,12 @@ as_user() {
 	chroot "$(root_of "$i")" su -s /bin/sh "u$i" -c "cd /home/u$i && $*" </dev/null \
 		>>"/tmp/desktop-u$i.log" 2>&1 &
 }
-# wait until a window whose name contains $2 exists on display :$1
+# whether a window whose name contains $2 exists on display :$1
+has_window() {
+	DISPLAY=:$1 chroot "$(root_of "$1")" xwininfo -root -tree 2>/dev/null | grep -q "$2"
+}
 wait_window() {
-	t=0
-	while ! DISPLAY=:$1 chroot "$(root_of "$1")" xwininfo -root -tree 2>/dev/null |
-		grep -q "$2"; do
-		sleep 1
-		t=$((t + 1))
-		if [ $t -ge "$WAIT" ]; then
-			tail -20 "/tmp/desktop-u$1.log" >&2
-			fail "no window '$2' on :$1 after $WAIT s"
-		fi
-	done
+	wait_until "/tmp/desktop-u$1.log" "no window '$2' on :$1 after $WAIT s" has_window "$1" "$2"
 }
 
 # ---- traced ----------------------------------------------------------------------------------
@@ -88,15 +83,8 @@ for i in $(seq 1 "$N"); do
 		</dev/null >>"/tmp/desktop-x$i.log" 2>&1 &
 done
 for i in $(seq 1 "$N"); do
-	t=0
-	until [ -e "$(root_of "$i")/tmp/.X11-unix/X$i" ]; do
-		sleep 1
-		t=$((t + 1))
-		if [ $t -ge "$WAIT" ]; then
-			tail -20 "/tmp/desktop-x$i.log" >&2
-			fail "X server :$i did not start"
-		fi
-	done
+	wait_until "/tmp/desktop-x$i.log" "X server :$i did not start" \
+		test -e "$(root_of "$i")/tmp/.X11-unix/X$i"
 done
 memtrace-mark phase session
 for i in $(seq 1 "$N"); do

@@ -16,6 +16,13 @@ SETTLE=${SETTLE:-10}
 WAIT=${WAIT:-900}
 log() { echo "game-server: $*"; }
 fail() { echo "game-server: error: $*" >&2; exit 1; }
+. /usr/share/memtrace/wait.sh
+# server $1 has loaded the map: the engine has set up the map's server and its config strings
+map_loaded() {
+	grep -q "Hunk_Clear: reset the hunk ok\|------- Server Initialization -------" \
+		"/tmp/server$1.log" 2>/dev/null &&
+		grep -q "Server: $MAP\|AAS initialized\|map: $MAP" "/tmp/server$1.log" 2>/dev/null
+}
 
 # ---- set-up (not traced): a game tree per server ---------------------------------------------
 for i in $(seq 1 "$N"); do
@@ -40,18 +47,7 @@ for i in $(seq 1 "$N"); do
 		+set dedicated 1 +set net_port $((27960 + i)) +set ttycon 0 +set sv_pure 0 \
 		+set sv_maxclients 8 +set bot_enable 0 +map "$MAP" ) </dev/null \
 		>"/tmp/server$i.log" 2>&1 &
-	# loaded when the engine has set up the map's server and its config strings
-	t=0
-	until grep -q "Hunk_Clear: reset the hunk ok\|------- Server Initialization -------" \
-		"/tmp/server$i.log" 2>/dev/null && grep -q "Server: $MAP\|AAS initialized\|map: $MAP" \
-		"/tmp/server$i.log" 2>/dev/null; do
-		sleep 1
-		t=$((t + 1))
-		if [ $t -ge "$WAIT" ]; then
-			tail -20 "/tmp/server$i.log" >&2
-			fail "server $i did not load $MAP in $WAIT s"
-		fi
-	done
+	wait_until "/tmp/server$i.log" "server $i did not load $MAP in $WAIT s" map_loaded "$i"
 	log "server $i: $MAP loaded"
 done
 memtrace-mark phase settle
